@@ -1,0 +1,77 @@
+"""Errors ckptd raises, one base and a short tree.
+
+    CkptdError
+    ├── ConfigError            bad argument or combination; says which and the fix
+    ├── StoreError             the store (disk, S3) failed or refused
+    │   ├── StoreUnreachable   endpoint, bucket or path cannot be used
+    │   └── SnapshotExists     another writer already committed this step
+    ├── SnapshotError          a snapshot could not be taken or persisted
+    │   └── InsufficientMemory staging would exceed host memory or the budget
+    ├── SnapshotCorrupt        checksums or manifest do not verify
+    ├── NoSnapshot             the store holds no (such) committed snapshot
+    ├── IncompatibleSnapshot   a snapshot does not fit the objects to restore
+    └── UnsafeSnapshot         a snapshot asks to unpickle code or escape its directory
+
+Messages name the thing and what to do; errors from boto3, the OS and torch
+are wrapped at the boundary with ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CkptdError",
+    "ConfigError",
+    "StoreError",
+    "StoreUnreachable",
+    "SnapshotExists",
+    "SnapshotError",
+    "InsufficientMemory",
+    "SnapshotCorrupt",
+    "NoSnapshot",
+    "IncompatibleSnapshot",
+    "UnsafeSnapshot",
+]
+
+
+class CkptdError(Exception):
+    """Base of every error ckptd raises on purpose."""
+
+
+class ConfigError(CkptdError, ValueError):
+    """An argument or a combination of them is invalid."""
+
+
+class StoreError(CkptdError):
+    """The store failed or refused an operation."""
+
+
+class StoreUnreachable(StoreError):
+    """The store's path, endpoint or bucket cannot be used."""
+
+
+class SnapshotExists(StoreError):
+    """A committed snapshot of this step is already in the store."""
+
+
+class SnapshotError(CkptdError):
+    """A snapshot could not be taken or persisted."""
+
+
+class InsufficientMemory(SnapshotError):
+    """Staging the snapshot would exceed host memory or the staging budget."""
+
+
+class SnapshotCorrupt(CkptdError):
+    """A snapshot's files or manifest do not verify."""
+
+
+class NoSnapshot(CkptdError, LookupError):
+    """The store holds no committed snapshot, or none of the asked step."""
+
+
+class IncompatibleSnapshot(CkptdError):
+    """A snapshot does not fit the objects it is restored into."""
+
+
+class UnsafeSnapshot(SnapshotCorrupt):
+    """A snapshot names a path outside itself or a type that is not plain data."""

@@ -1,0 +1,176 @@
+"""A store on a local or shared file system: the embedded default and the local tier."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Sequence
+
+from ..errors import SnapshotExists, StoreError, StoreUnreachable
+from .base import ObjectInfo, Progress
+from .keys import check_key
+
+_COPY_CHUNK = 8 << 20
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or create inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FileStore:
+    """Objects as files under one directory; keys map to relative paths.
+
+    ``commit`` is an exclusive create (write a temporary file, fsync, then
+    ``os.link``, which fails if the name exists). Thread-safe.
+    """
+
+    def __init__(self, root: str, *, create: bool = True) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.uri = "file://" + self.root
+        if create:
+            self._check_writable()
+        elif not os.path.isdir(self.root):
+            raise StoreUnreachable(
+                f"store {self.root} does not exist; check the path or create it"
+            )
+
+    def _check_writable(self) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.root, prefix=".ckptd-probe-"):
+                pass
+        except OSError as e:
+            raise StoreUnreachable(
+                f"cannot write to store {self.root}: {e.strerror or e}; "
+                "choose a writable directory or fix its permissions"
+            ) from e
+
+    def path_of(self, key: str) -> str:
+        """The local path of ``key``; the key is validated against traversal."""
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def put_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
+        dest = self.path_of(key)
+        if os.path.abspath(path) == dest:
+            return
+        self._atomic_write(dest, lambda f: _copy_into(path, f, progress))
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(self.path_of(key), lambda f: f.write(data))
+
+    def commit(self, key: str, data: bytes) -> None:
+        dest = self.path_of(key)
+        tmp = self._write_temp(dest, lambda f: f.write(data))
+        try:
+            os.link(tmp, dest)
+        except FileExistsError as e:
+            raise SnapshotExists(
+                f"{self.uri}/{key} is already committed by another writer; "
+                "a step is committed once, so this copy was discarded"
+            ) from e
+        finally:
+            os.unlink(tmp)
+        fsync_dir(os.path.dirname(dest))
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._open(key) as f:
+            return f.read()
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        with self._open(key) as f:
+            f.seek(offset)
+            return f.read(length)
+
+    def get_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
+        src = self.path_of(key)
+        if os.path.abspath(path) == src:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "wb") as f:
+            _copy_into(src, f, progress)
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self.path_of(key))
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self.path_of(prefix) if prefix else self.root
+        out = []
+        for dirpath, _dirs, files in os.walk(base):
+            for name in files:
+                full = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(full)
+                except FileNotFoundError:
+                    continue
+                rel = os.path.relpath(full, self.root).replace(os.sep, "/")
+                out.append(ObjectInfo(rel, st.st_size, st.st_mtime))
+        return sorted(out, key=lambda o: o.key)
+
+    def children(self, prefix: str = "") -> list[str]:
+        base = self.path_of(prefix) if prefix else self.root
+        try:
+            return sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))
+        except FileNotFoundError:
+            return []
+
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            try:
+                os.unlink(self.path_of(key))
+            except FileNotFoundError:
+                pass
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove everything under ``prefix`` (a snapshot directory)."""
+        shutil.rmtree(self.path_of(prefix), ignore_errors=True)
+
+    def close(self) -> None:
+        pass
+
+    def _open(self, key: str):
+        try:
+            return open(self.path_of(key), "rb")
+        except FileNotFoundError as e:
+            raise StoreError(f"{self.uri}/{key} does not exist") from e
+
+    def _write_temp(self, dest: str, write) -> str:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        tmp = f"{dest}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            _unlink_quietly(tmp)
+            hint = "free space on it" if e.errno == errno.ENOSPC else "check the path"
+            raise StoreError(f"cannot write {dest}: {e.strerror or e}; {hint}") from e
+        return tmp
+
+    def _atomic_write(self, dest: str, write) -> None:
+        tmp = self._write_temp(dest, write)
+        os.replace(tmp, dest)
+        fsync_dir(os.path.dirname(dest))
+
+
+def _copy_into(src: str, f, progress: Progress | None) -> None:
+    with open(src, "rb") as s:
+        while chunk := s.read(_COPY_CHUNK):
+            f.write(chunk)
+            if progress is not None:
+                progress(len(chunk))
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
