@@ -1,0 +1,51 @@
+"""Configuration of a Checkpointer: one keyword-only dataclass, validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointerConfig:
+    """Options of :class:`ckptd.Checkpointer`; each may also be passed as a keyword."""
+
+    keep_last: int = 3
+    """Committed snapshots kept in the store; older ones are deleted after each commit."""
+    keep_every: int | None = None
+    """Also keep every snapshot whose step is divisible by this (milestones)."""
+    overlap: bool = True
+    """Copy parameters and optimizer state during the next forward/backward; turn off
+    when the loop changes parameters outside ``optimizer.step()`` (EMA, manual edits)."""
+    staging_budget: int | None = None
+    """Most bytes of host staging memory; None bounds it by available host memory only."""
+    memory_reserve: int = 1 << 30
+    """Bytes of host memory staging always leaves free for the job."""
+    on_error: str = "warn"
+    """A failed snapshot at ``step()``: 'warn' (training goes on) or 'raise'."""
+    incomplete_grace: float = 3600.0
+    """Seconds before a snapshot without manifest counts as garbage (its writer is gone)."""
+    gpus: int | None = None
+    """GPUs the job uses, for the failure rate; None: the world size."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keep_last, int) or self.keep_last < 1:
+            raise ConfigError(f"keep_last={self.keep_last!r}: keep at least 1 snapshot")
+        if self.on_error not in ("warn", "raise"):
+            raise ConfigError(f"on_error={self.on_error!r}: use 'warn' or 'raise'")
+        if self.staging_budget is not None and self.staging_budget <= 0:
+            raise ConfigError(f"staging_budget={self.staging_budget!r}: give bytes > 0, or None")
+        if self.incomplete_grace < 0:
+            raise ConfigError(f"incomplete_grace={self.incomplete_grace!r}: must be >= 0 seconds")
+        if self.gpus is not None and self.gpus < 1:
+            raise ConfigError(f"gpus={self.gpus!r}: must be >= 1, or None for the world size")
+
+    @classmethod
+    def from_options(cls, options: dict) -> "CheckpointerConfig":
+        """Build from keywords; an unknown name is an error that lists the valid ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {unknown}; Checkpointer accepts {sorted(names)}")
+        return cls(**options)

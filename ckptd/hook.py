@@ -1,0 +1,414 @@
+"""The hook in the training loop: Checkpointer and attach tie the parts together.
+
+``step()`` asks the policy and, when it says so, captures references, copies
+what changes outside ``optimizer.step()`` at once, and leaves parameters and
+optimizer state to a background copy that the next ``optimizer.step()``
+waits for only if it has not finished. Writing and committing run on a
+background thread; errors come back at the next ``step()``, ``wait()`` or
+``close()`` with the snapshot's step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import statistics
+import threading
+import time
+import warnings
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .config import CheckpointerConfig
+from .errors import CkptdError, ConfigError, NoSnapshot, SnapshotError
+from .policy import PolicyContext, SnapshotPolicy, parse_policy
+from .restore.choose import newest_good
+from .restore.find import SnapshotInfo
+from .restore.load import read_state
+from .snapshot.capture import TrainingState
+from .snapshot.flatten import Leaf, flatten
+from .snapshot.lifecycle import SnapshotHandle, SnapshotState
+from .snapshot.manifest import Manifest, step_dir
+from .snapshot.rng import restore_rng
+from .snapshot.stage import HostPool, make_stager
+from .snapshot.write import Ranks, write_snapshot
+from .store import open_store
+from .store import retention
+from .store.file import FileStore
+
+log = logging.getLogger("ckptd")
+
+_RECENT = 16
+
+
+class SnapshotFailedWarning(UserWarning):
+    """A snapshot failed in the background; training goes on."""
+
+
+def _default_policy() -> SnapshotPolicy:
+    from .policy import RiskAwarePolicy
+
+    return RiskAwarePolicy()
+
+
+def _resolve_policy(policy: Any) -> SnapshotPolicy:
+    if policy is None:
+        return _default_policy()
+    if isinstance(policy, str):
+        return parse_policy(policy)
+    if not callable(getattr(policy, "should_snapshot", None)):
+        raise ConfigError(f"policy={policy!r} has no should_snapshot(*, ctx); use 'every:N', 'every:30s' or None")
+    return policy
+
+
+class Checkpointer:
+    """Snapshots training state asynchronously and restores it.
+
+    Use from the training thread only; the background threads it owns are
+    released by ``close()`` (or the ``with`` block).
+    """
+
+    def __init__(
+        self,
+        store: str | None = None,
+        *,
+        model: Any,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        extra: dict[str, Any] | None = None,
+        policy: Any = None,
+        **options: Any,
+    ) -> None:
+        self.config = CheckpointerConfig.from_options(options)
+        store = store if store is not None else os.environ.get("CKPTD_STORE")
+        if not store:
+            raise ConfigError("no store given: pass a path or URI, or set CKPTD_STORE")
+        opened = open_store(store)
+        if not isinstance(opened, FileStore):
+            raise ConfigError(f"store {store!r}: snapshots are written to a local path; s3:// needs the S3 tier")
+        self.store = opened
+        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra)
+        self.policy = _resolve_policy(policy)
+        self._ranks, self._decide_group = _make_ranks()
+        self._retention = retention.Retention(
+            keep_last=self.config.keep_last, keep_every=self.config.keep_every, grace=self.config.incomplete_grace
+        )
+        pin = torch.cuda.is_available()
+        self._pool = HostPool(pin=pin, budget=self.config.staging_budget, reserve=self.config.memory_reserve)
+        self._stager = make_stager()
+        self._persist = ThreadPoolExecutor(1, thread_name_prefix="ckptd-persist")
+        self._pool_free = threading.Event()
+        self._pool_free.set()
+        self._pending_stage: Future | None = None
+        self._inflight: list[SnapshotHandle] = []
+        self._errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._step_times: deque[float] = deque(maxlen=64)
+        self._stalls: deque[float] = deque(maxlen=_RECENT)
+        self._persists: deque[float] = deque(maxlen=_RECENT)
+        self._last_step_at: float | None = None
+        self._last_snapshot: tuple[int, float] | None = None
+        self._started = time.monotonic()
+        self._force: str | None = None
+        self._auto_step: int | None = None
+        self._attach_mode = False
+        self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.state.optimizers]
+        self._closed = False
+
+    # -- the training loop ------------------------------------------------
+
+    def step(self, step: int, **metrics: float) -> bool:
+        """Call after step ``step`` finished; True when it started a snapshot."""
+        now = time.monotonic()
+        if self._last_step_at is not None:
+            self._step_times.append(now - self._last_step_at)
+        self._last_step_at = now
+        self._report_failures()
+        if not self._decide(self._wants_snapshot(step, now)):
+            return False
+        self._force = None
+        try:
+            self._start(step, metrics)
+        except CkptdError as e:
+            self._fail_now(step, e)
+            return False
+        return True
+
+    def save(self, step: int, **metrics: float) -> SnapshotHandle:
+        """Take a snapshot now; waits until staging memory is free. Returns its handle."""
+        self._check_open()
+        return self._start(step, metrics)
+
+    def request_snapshot(self, reason: str) -> None:
+        """Make the next ``step()`` snapshot whatever the policy says (a fault, a preemption)."""
+        log.warning("ckptd: snapshot requested: %s", reason)
+        self._force = reason
+
+    def wait(self) -> None:
+        """Wait for every snapshot in flight; re-raise a failure with its step."""
+        for handle in list(self._inflight):
+            wait_futures([handle.durable])
+        self._prune()
+        self._raise_errors()
+
+    def close(self) -> None:
+        """Wait until the last snapshot is committed, release threads, re-raise failures."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.wait()
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._persist.shutdown(wait=True)
+            self._stager.close()
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except CkptdError as e:  # the escaping exception matters more
+            log.error("ckptd: %s", e)
+
+    # -- restore ------------------------------------------------------------
+
+    def restore(self, step: int | None = None) -> int:
+        """Load the newest verified snapshot (or ``step``); return the next step to run, 0 if none."""
+        self._check_open()
+        manifest = self._choose(step)
+        if manifest is None:
+            if step is not None:
+                raise NoSnapshot(f"{self.store.uri} has no snapshot of step {step}")
+            log.info("ckptd: no snapshot in %s; starting from step 0", self.store.uri)
+            return 0
+        directory = self.store.path_of(step_dir(manifest.step))
+        state = read_state(directory, manifest)
+        rng = self.state.apply(state, rank=self._ranks.rank)
+        if self._attach_mode and manifest.meta.get("attach"):
+            self._catch_up_schedulers()
+        notes = restore_rng(rng or {}, reseed=manifest.step * 1000 + self._ranks.rank)
+        if rng is None:
+            notes.insert(0, f"no RNG state of rank {self._ranks.rank} in the snapshot: generators reseeded")
+        for note in notes:
+            warnings.warn(f"ckptd: {note}", stacklevel=2)
+        self._last_snapshot = (manifest.step, time.monotonic())
+        if self._auto_step is not None:
+            self._auto_step = manifest.step + 1
+        log.info("ckptd: restored step %d from %s", manifest.step, directory)
+        return manifest.step + 1
+
+    def _choose(self, step: int | None) -> Manifest | None:
+        if not self._ranks.distributed:
+            return newest_good(self.store, step)
+        chosen = [None]
+        if self._ranks.rank == 0:
+            m = newest_good(self.store, step)
+            chosen = [None if m is None else m.step]
+        dist.broadcast_object_list(chosen, src=0, group=self._decide_group)
+        return None if chosen[0] is None else newest_good(self.store, chosen[0])
+
+    def _catch_up_schedulers(self) -> None:
+        # attach() snapshots inside optimizer.step(), before the loop's scheduler.step().
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for sched in self.state.schedulers:
+                sched.step()
+
+    # -- policy -------------------------------------------------------------
+
+    def context(self, step: int, now: float | None = None) -> PolicyContext:
+        """What the policy sees now."""
+        now = time.monotonic() if now is None else now
+        last = self._last_snapshot
+        return PolicyContext(
+            step=step,
+            now=now,
+            steps_since=None if last is None else step - last[0],
+            seconds_since=now - (self._started if last is None else last[1]),
+            step_time=_median(self._step_times),
+            stall=_median(self._stalls),
+            persist=_median(self._persists),
+            in_flight=sum(1 for h in self._inflight if not h.durable.done()),
+            gpus=self.config.gpus or self._ranks.world_size,
+        )
+
+    def _wants_snapshot(self, step: int, now: float) -> bool:
+        if self._ranks.rank != 0:
+            return False
+        if self._force is not None:
+            return True
+        return bool(self.policy.should_snapshot(ctx=self.context(step, now)))
+
+    def _decide(self, mine: bool) -> bool:
+        if not self._ranks.distributed:
+            return mine
+        flag = torch.tensor([1 if mine else 0], dtype=torch.int32)
+        dist.broadcast(flag, src=0, group=self._decide_group)
+        return bool(flag.item())
+
+    # -- the snapshot data path ---------------------------------------------
+
+    def _start(self, step: int, metrics: dict[str, float]) -> SnapshotHandle:
+        t0 = time.perf_counter()
+        if not self._pool_free.is_set():
+            log.warning("ckptd: step %d waits for the previous snapshot's write; snapshots come "
+                        "faster than they persist, so lengthen the interval", step)
+            self._pool_free.wait()
+        handle = SnapshotHandle(step, started=time.monotonic())
+        leaves = flatten(self.state.capture(self._ranks.rank))
+        tensors = {leaf.fqn: leaf.value for leaf in leaves if isinstance(leaf.value, torch.Tensor)}
+        bufs = self._pool.buffers_for(tensors, step=step)
+        deferred = self.state.deferred_ptrs() if self.config.overlap else set()
+        now_pairs, later_pairs = [], []
+        for fqn, t in tensors.items():
+            (later_pairs if t.data_ptr() in deferred else now_pairs).append((t, bufs[fqn]))
+        self._stager.copy(now_pairs, wait=True).result()
+        staged = [
+            Leaf(leaf.fqn, leaf.path, bufs[leaf.fqn] if leaf.fqn in bufs else copy.deepcopy(leaf.value))
+            for leaf in leaves
+        ]
+        self._pool_free.clear()
+        handle.staged = self._stager.copy(later_pairs, wait=False)
+        self._pending_stage = handle.staged
+        meta = {"attach": self._attach_mode, "pool_bytes": self._pool.nbytes}
+        handle.stall = time.perf_counter() - t0
+        with self._lock:
+            self._inflight.append(handle)
+        self._persist.submit(self._write, handle, staged, dict(metrics), meta)
+        self._last_snapshot = (step, time.monotonic())
+        return handle
+
+    def _write(self, handle: SnapshotHandle, leaves: list[Leaf], metrics: dict, meta: dict) -> None:
+        try:
+            try:
+                handle.staged.result()
+                handle.advance(SnapshotState.STAGED)
+                meta["stall_s"] = handle.stall
+                manifest = write_snapshot(self.store, handle.step, leaves, self._ranks, metrics=metrics, meta=meta)
+            finally:
+                self._pool_free.set()
+            handle.advance(SnapshotState.WRITTEN)
+            handle.advance(SnapshotState.COMMITTED)
+            if self._ranks.rank == 0:
+                self._apply_retention(handle.step)
+            handle.advance(SnapshotState.DURABLE)
+            self._persists.append(time.monotonic() - handle.started)
+            self._stalls.append(handle.stall)
+            handle.durable.set_result(_info(self.store, manifest))
+        except BaseException as e:
+            handle.advance(SnapshotState.FAILED)
+            err = SnapshotError(f"snapshot of step {handle.step} failed: {e}")
+            err.__cause__ = e
+            with self._lock:
+                self._errors.append(err)
+            handle.durable.set_exception(err)
+
+    def _apply_retention(self, step: int) -> None:
+        try:
+            retention.apply(self.store, self._retention, protect=frozenset({step}))
+        except (OSError, CkptdError) as e:
+            log.warning("ckptd: retention after step %d failed: %s", step, e)
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        fut = self._pending_stage
+        if fut is None:
+            return
+        if not fut.done():
+            t0 = time.perf_counter()
+            wait_futures([fut])
+            waited = time.perf_counter() - t0
+            for h in self._inflight:
+                if h.staged is fut:
+                    h.stall += waited
+        self._pending_stage = None
+
+    # -- errors -------------------------------------------------------------
+
+    def _fail_now(self, step: int, e: CkptdError) -> None:
+        err = SnapshotError(f"snapshot of step {step} was not taken: {e}")
+        err.__cause__ = e
+        with self._lock:
+            self._errors.append(err)
+        self._report_failures()
+
+    def _report_failures(self) -> None:
+        self._prune()
+        if not self._errors:
+            return
+        if self.config.on_error == "raise":
+            self._raise_errors()
+        for err in self._errors:
+            if not getattr(err, "_ckptd_warned", False):
+                err._ckptd_warned = True  # type: ignore[attr-defined]
+                log.error("ckptd: %s", err)
+                warnings.warn(str(err), SnapshotFailedWarning, stacklevel=3)
+
+    def _raise_errors(self) -> None:
+        with self._lock:
+            errors, self._errors = self._errors, []
+        if errors:
+            raise errors[-1] if len(errors) == 1 else SnapshotError(
+                f"{len(errors)} snapshots failed; the last: {errors[-1]}"
+            ) from errors[-1]
+
+    def _prune(self) -> None:
+        with self._lock:
+            self._inflight = [h for h in self._inflight if not h.durable.done()]
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ConfigError("this Checkpointer is closed; create a new one")
+
+    # -- attach -------------------------------------------------------------
+
+    def _drive_from_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._attach_mode = True
+        self._auto_step = 0
+
+        def after_step(opt, args, kwargs) -> None:
+            step = self._auto_step
+            self._auto_step += 1
+            self.step(step)
+
+        self._hooks.append(optimizer.register_step_post_hook(after_step))
+
+
+def attach(model: Any, optimizer: torch.optim.Optimizer, *, store: str | None = None, **kw: Any) -> Checkpointer:
+    """A Checkpointer driven by ``optimizer.step()``: no ``ckpt.step`` call in the loop.
+
+    Call ``restore()`` on the result before training; the step counter lives in the snapshot.
+    """
+    ckpt = Checkpointer(store, model=model, optimizer=optimizer, **kw)
+    ckpt._drive_from_optimizer(optimizer)
+    return ckpt
+
+
+def _make_ranks() -> tuple[Ranks, Any]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return Ranks(), None
+    # Own gloo groups: collectives from the writer thread must not interleave with training's.
+    write_group = dist.new_group(backend="gloo")
+    decide_group = dist.new_group(backend="gloo")
+    return Ranks(dist.get_rank(), dist.get_world_size(), write_group), decide_group
+
+
+def _median(values) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _info(store: FileStore, m: Manifest) -> SnapshotInfo:
+    return SnapshotInfo(
+        m.step, m.created_at, m.nbytes, True, ("local",), f"{store.uri}/{step_dir(m.step)}", m.world_size, m.metrics
+    )

@@ -1,0 +1,1 @@
+"""Restore: find, verify and load snapshots (torch is imported only by ``load``)."""

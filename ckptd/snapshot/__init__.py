@@ -1,0 +1,1 @@
+"""Snapshot data path: capture, stage, write, manifest (the format)."""

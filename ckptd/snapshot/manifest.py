@@ -1,0 +1,188 @@
+"""The manifest ``ckptd.json``: what a committed snapshot holds (no torch here).
+
+It is written last, and a directory without it is not a snapshot. It lists
+every file with size and checksum and every saved item with its place in
+the DCP files, so ``inspect`` and the restricted reader never need DCP's
+pickled ``.metadata``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from ..errors import SnapshotCorrupt, UnsafeSnapshot
+from ..store.keys import check_key
+
+FORMAT = "ckptd/1"
+MANIFEST = "ckptd.json"
+MAX_MANIFEST_BYTES = 256 << 20
+_STEP_DIR = re.compile(r"^step-(\d{12})$")
+_PATH_KINDS = ("d", "l", "t")
+
+
+def step_dir(step: int) -> str:
+    """The directory (key prefix) of one snapshot: ``step-<12 digits>``."""
+    if not isinstance(step, int) or not 0 <= step < 10**12:
+        raise ValueError(f"step {step!r} must be an integer in [0, 10**12)")
+    return f"step-{step:012d}"
+
+
+def parse_step_dir(name: str) -> int | None:
+    """The step of a snapshot directory name, or None for any other name."""
+    m = _STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One data file of a snapshot."""
+
+    name: str
+    size: int
+    checksum: str
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class Item:
+    """One saved value: a tensor chunk or a plain Python object (kind ``object``).
+
+    ``path`` rebuilds the nesting: pairs of (container kind, key) where kind is
+    ``d`` (dict, key str or int), ``l`` (list index) or ``t`` (tuple index).
+    """
+
+    fqn: str
+    path: tuple[tuple[str, Any], ...]
+    kind: str
+    file: str
+    offset: int
+    length: int
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
+    nbytes: int = 0
+    chunk_offsets: tuple[int, ...] = ()
+    chunk_sizes: tuple[int, ...] = ()
+    empty: str = ""
+    """For kind ``empty``: the empty container (dict, list, tuple) DCP cannot hold."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything ckptd needs to list, verify and load one snapshot."""
+
+    step: int
+    created: str
+    world_size: int
+    host: str
+    checksum: str
+    files: tuple[FileEntry, ...]
+    items: tuple[Item, ...]
+    metrics: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    format: str = FORMAT
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def created_at(self) -> datetime:
+        return datetime.fromisoformat(self.created.replace("Z", "+00:00"))
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False).encode()
+
+    @staticmethod
+    def from_json(data: bytes, *, source: str = "manifest") -> "Manifest":
+        """Parse and validate; any defect raises SnapshotCorrupt naming ``source``."""
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise SnapshotCorrupt(f"{source} is {len(data)} bytes, larger than any real manifest")
+        try:
+            raw = json.loads(data)
+            return _parse(raw, source)
+        except UnsafeSnapshot:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SnapshotCorrupt(f"{source} is not a valid ckptd manifest: {e}") from e
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _parse(raw: dict, source: str) -> Manifest:
+    if not isinstance(raw, dict):
+        raise ValueError("top level is not an object")
+    if raw.get("format") != FORMAT:
+        raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}; upgrade ckptd")
+    files = tuple(_file(f) for f in raw["files"])
+    names = {f.name for f in files}
+    items = tuple(_item(i, names, source) for i in raw["items"])
+    m = Manifest(
+        step=_int(raw["step"], "step"),
+        created=str(raw["created"]),
+        world_size=_int(raw["world_size"], "world_size", low=1),
+        host=str(raw["host"]),
+        checksum=str(raw["checksum"]),
+        files=files,
+        items=items,
+        metrics={str(k): float(v) for k, v in dict(raw.get("metrics", {})).items()},
+        meta=dict(raw.get("meta", {})),
+    )
+    m.created_at  # validates the timestamp
+    return m
+
+
+def _file(f: dict) -> FileEntry:
+    name = f["name"]
+    if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
+        raise UnsafeSnapshot(f"manifest names file {name!r} outside its snapshot directory")
+    check_key(name)
+    return FileEntry(name, _int(f["size"], "size"), str(f["checksum"]), _int(f.get("rank", 0), "rank"))
+
+
+def _item(i: dict, files: set[str], source: str) -> Item:
+    if i["kind"] not in ("tensor", "object", "empty"):
+        raise ValueError(f"item kind {i['kind']!r}")
+    if i["kind"] == "empty" and i.get("empty") not in ("dict", "list", "tuple"):
+        raise ValueError(f"empty item {i.get('fqn')!r} of type {i.get('empty')!r}")
+    if i["kind"] != "empty" and i["file"] not in files:
+        raise UnsafeSnapshot(f"{source}: item {i.get('fqn')!r} reads {i['file']!r}, not a file of the snapshot")
+    path = tuple(_path_part(p) for p in i["path"])
+    if not path or path[0][0] != "d" or not isinstance(path[0][1], str):
+        raise ValueError(f"item {i.get('fqn')!r} has no top-level key")
+    return Item(
+        fqn=str(i["fqn"]),
+        path=path,
+        kind=i["kind"],
+        file=i["file"],
+        offset=_int(i["offset"], "offset"),
+        length=_int(i["length"], "length"),
+        shape=tuple(_int(s, "shape") for s in i.get("shape", ())),
+        dtype=str(i.get("dtype", "")),
+        nbytes=_int(i.get("nbytes", 0), "nbytes"),
+        chunk_offsets=tuple(_int(s, "chunk_offsets") for s in i.get("chunk_offsets", ())),
+        chunk_sizes=tuple(_int(s, "chunk_sizes") for s in i.get("chunk_sizes", ())),
+        empty=str(i.get("empty", "")),
+    )
+
+
+def _path_part(p) -> tuple[str, Any]:
+    kind, key = p
+    if kind not in _PATH_KINDS:
+        raise ValueError(f"path kind {kind!r}")
+    if kind == "d" and not isinstance(key, (str, int)) or kind != "d" and not isinstance(key, int):
+        raise ValueError(f"path key {key!r} for kind {kind!r}")
+    if isinstance(key, bool) or (isinstance(key, int) and kind != "d" and not 0 <= key < 1 << 31):
+        raise ValueError(f"path key {key!r}")
+    return (kind, key)
+
+
+def _int(v, name: str, low: int = 0) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ValueError(f"{name} {v!r} is not an integer >= {low}")
+    return v

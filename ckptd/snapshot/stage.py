@@ -1,0 +1,198 @@
+"""Stage: copy tensors into host buffers that are allocated once and reused.
+
+Staging is the only part of a snapshot that may stall training. On CUDA the
+copies run on a side stream into pinned memory and complete through an
+event; on CPU they run on a background thread. Either way the caller gets a
+future that completes when every byte is in host memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Protocol, Sequence
+
+import psutil
+import torch
+
+from ..errors import InsufficientMemory
+
+log = logging.getLogger("ckptd")
+
+Pair = tuple[torch.Tensor, torch.Tensor]
+"""(source, host buffer) of one copy."""
+
+_GiB = 1 << 30
+
+
+class Stager(Protocol):
+    """Copies source tensors into host buffers. Thread-safe for one caller.
+
+    Call sequence the hook relies on:
+
+    1. ``copy(pairs, wait=True)`` for state that changes outside
+       ``optimizer.step()``: every copy has finished when it returns.
+    2. ``copy(pairs, wait=False)`` for parameters and optimizer state: returns
+       at once; the future completes when the copies have, and carries any error.
+    3. ``close()`` waits for in-flight copies and releases threads and streams.
+    """
+
+    def copy(self, pairs: Sequence[Pair], *, wait: bool) -> Future[None]: ...
+
+    def close(self) -> None: ...
+
+
+class HostPool:
+    """Host staging buffers keyed by name, allocated once and reused.
+
+    Pinned when ``pin`` (CUDA jobs). Bounded by ``budget`` bytes and by the
+    host's available memory less ``reserve``; growth beyond either raises
+    InsufficientMemory instead of swapping or inviting the OOM killer. Not
+    thread-safe: one snapshot leases it at a time.
+    """
+
+    def __init__(self, *, pin: bool, budget: int | None = None, reserve: int = _GiB) -> None:
+        self.pin = pin
+        self.budget = budget
+        self.reserve = reserve
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.nbytes for b in self._bufs.values())
+
+    def buffers_for(self, specs: dict[str, torch.Tensor], *, step: int) -> dict[str, torch.Tensor]:
+        """A host buffer shaped like each tensor in ``specs``, reusing matching ones."""
+        keep = {k: b for k, b in self._bufs.items() if k in specs and _fits(b, specs[k])}
+        grow = sum(t.nbytes for k, t in specs.items() if k not in keep)
+        total = sum(b.nbytes for b in keep.values()) + grow
+        self._check(step, total, grow)
+        self._bufs = keep
+        for key, t in specs.items():
+            if key not in keep:
+                self._bufs[key] = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+        if grow:
+            log.info("ckptd: staging pool %.2f GiB%s", total / _GiB, " (pinned)" if self.pin else "")
+        return {k: self._bufs[k] for k in specs}
+
+    def _check(self, step: int, total: int, grow: int) -> None:
+        if self.budget is not None and total > self.budget:
+            raise InsufficientMemory(
+                f"snapshot of step {step} needs {total / _GiB:.2f} GiB of staging memory, over the "
+                f"staging_budget of {self.budget / _GiB:.2f} GiB; raise staging_budget or save less state"
+            )
+        avail = psutil.virtual_memory().available
+        if grow and grow > avail - self.reserve:
+            raise InsufficientMemory(
+                f"snapshot of step {step} needs {grow / _GiB:.2f} GiB more host memory for staging, "
+                f"but only {avail / _GiB:.2f} GiB is available (keeping {self.reserve / _GiB:.1f} GiB "
+                "free); free host memory or give the job a larger node"
+            )
+
+
+def _fits(buf: torch.Tensor, like: torch.Tensor) -> bool:
+    return buf.shape == like.shape and buf.dtype == like.dtype
+
+
+def _copy_all(pairs: Sequence[Pair]) -> None:
+    with torch.no_grad():
+        for src, dst in pairs:
+            dst.copy_(src)
+
+
+class ThreadStager:
+    """Copies on one background thread (CPU tensors). Thread-safe."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ckptd-stage")
+
+    def copy(self, pairs: Sequence[Pair], *, wait: bool) -> Future[None]:
+        if wait:
+            return _run_now(_copy_all, pairs)
+        return self._pool.submit(_copy_all, list(pairs))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "ThreadStager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class CudaStager:
+    """Copies device tensors on a side CUDA stream into pinned buffers.
+
+    The side stream first waits for the compute stream, so the copy sees
+    finished values; each source is marked as used by the side stream so its
+    memory is not reused mid-copy. A thread waits on the recorded event and
+    completes the future. CPU sources in the same call are copied inline.
+    """
+
+    def __init__(self) -> None:
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._waiter = ThreadPoolExecutor(1, thread_name_prefix="ckptd-cuda-stage")
+        self._lock = threading.Lock()
+
+    def _stream(self, device: torch.device) -> torch.cuda.Stream:
+        with self._lock:
+            idx = device.index if device.index is not None else torch.cuda.current_device()
+            if idx not in self._streams:
+                self._streams[idx] = torch.cuda.Stream(device=idx)
+            return self._streams[idx]
+
+    def copy(self, pairs: Sequence[Pair], *, wait: bool) -> Future[None]:
+        cpu = [(s, d) for s, d in pairs if not s.is_cuda]
+        events = []
+        with torch.no_grad():
+            for src, dst in pairs:
+                if not src.is_cuda:
+                    continue
+                stream = self._stream(src.device)
+                stream.wait_stream(torch.cuda.current_stream(src.device))
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+                    src.record_stream(stream)
+            for stream in self._streams.values():
+                ev = torch.cuda.Event()
+                ev.record(stream)
+                events.append(ev)
+        if wait:
+            _copy_all(cpu)
+            for ev in events:
+                ev.synchronize()
+            return _run_now(lambda: None)
+        return self._waiter.submit(_finish, cpu, events)
+
+    def close(self) -> None:
+        self._waiter.shutdown(wait=True)
+
+    def __enter__(self) -> "CudaStager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _finish(cpu: Sequence[Pair], events: list) -> None:
+    _copy_all(cpu)
+    for ev in events:
+        ev.synchronize()
+
+
+def _run_now(fn, *args) -> Future[None]:
+    fut: Future[None] = Future()
+    try:
+        fn(*args)
+    except BaseException as e:  # delivered through the future, like background work
+        fut.set_exception(e)
+    else:
+        fut.set_result(None)
+    return fut
+
+
+def make_stager() -> Stager:
+    """CudaStager when CUDA is present, else ThreadStager."""
+    return CudaStager() if torch.cuda.is_available() else ThreadStager()
