@@ -262,6 +262,7 @@ class Checkpointer:
 
     def _start(self, step: int, metrics: dict[str, float]) -> SnapshotHandle:
         t0 = time.perf_counter()
+        log.debug("ckptd: step %d: staging", step)
         if not self._pool_free.is_set():
             log.warning("ckptd: step %d waits for the previous snapshot's write; snapshots come "
                         "faster than they persist, so lengthen the interval", step)
@@ -295,6 +296,7 @@ class Checkpointer:
             try:
                 handle.staged.result()
                 handle.advance(SnapshotState.STAGED)
+                log.debug("ckptd: step %d: staged, writing", handle.step)
                 meta["stall_s"] = handle.stall
                 manifest = write_snapshot(self.store, handle.step, leaves, self._ranks, metrics=metrics, meta=meta)
             finally:
@@ -304,6 +306,7 @@ class Checkpointer:
             if self._ranks.rank == 0:
                 self._apply_retention(handle.step)
             handle.advance(SnapshotState.DURABLE)
+            log.debug("ckptd: step %d: committed", handle.step)
             self._persists.append(time.monotonic() - handle.started)
             self._stalls.append(handle.stall)
             handle.durable.set_result(_info(self.store, manifest))

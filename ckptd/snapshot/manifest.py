@@ -8,6 +8,7 @@ pickled ``.metadata``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -94,7 +95,8 @@ class Manifest:
         return datetime.fromisoformat(self.created.replace("Z", "+00:00"))
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), allow_nan=False).encode()
+        body = asdict(self)
+        return json.dumps({**body, "digest": _digest(body)}, separators=(",", ":"), allow_nan=False).encode()
 
     @staticmethod
     def from_json(data: bytes, *, source: str = "manifest") -> "Manifest":
@@ -103,11 +105,22 @@ class Manifest:
             raise SnapshotCorrupt(f"{source} is {len(data)} bytes, larger than any real manifest")
         try:
             raw = json.loads(data)
+            if not isinstance(raw, dict):
+                raise ValueError("top level is not an object")
+            digest = raw.pop("digest", None)
+            if digest != _digest(raw):
+                raise SnapshotCorrupt(f"{source} does not match its digest: it was changed or damaged")
             return _parse(raw, source)
-        except UnsafeSnapshot:
+        except SnapshotCorrupt:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise SnapshotCorrupt(f"{source} is not a valid ckptd manifest: {e}") from e
+
+
+def _digest(body: dict) -> str:
+    """SHA-256 of the manifest's canonical JSON, so a flipped byte anywhere is caught."""
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canon.encode()).hexdigest()
 
 
 def utc_now() -> str:
@@ -115,8 +128,6 @@ def utc_now() -> str:
 
 
 def _parse(raw: dict, source: str) -> Manifest:
-    if not isinstance(raw, dict):
-        raise ValueError("top level is not an object")
     if raw.get("format") != FORMAT:
         raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}; upgrade ckptd")
     files = tuple(_file(f) for f in raw["files"])

@@ -7,6 +7,7 @@ then checksums its own files, and rank 0 commits the manifest last.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import warnings
@@ -25,6 +26,7 @@ from ..store.file import FileStore
 from .flatten import Leaf
 from .manifest import MANIFEST, FileEntry, Item, Manifest, step_dir, utc_now
 
+log = logging.getLogger("ckptd")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
 
 
@@ -162,6 +164,7 @@ def write_snapshot(
     items = write_dcp(directory, leaves, ranks)
     files = checksum_files(directory, ranks)
     manifest = build_manifest(step, files, items, ranks, metrics=metrics, meta=meta)
+    log.debug("ckptd: step %d: files written, committing", step)
     commit(store, key, manifest, ranks)
     return manifest
 
