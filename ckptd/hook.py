@@ -293,30 +293,33 @@ class Checkpointer:
 
     def _write(self, handle: SnapshotHandle, leaves: list[Leaf], metrics: dict, meta: dict) -> None:
         try:
-            try:
-                handle.staged.result()
-                handle.advance(SnapshotState.STAGED)
-                log.debug("ckptd: step %d: staged, writing", handle.step)
-                meta["stall_s"] = handle.stall
-                manifest = write_snapshot(self.store, handle.step, leaves, self._ranks, metrics=metrics, meta=meta)
-            finally:
-                self._pool_free.set()
+            handle.staged.result()
+            handle.advance(SnapshotState.STAGED)
+            log.debug("ckptd: step %d: staged, writing", handle.step)
+            meta["stall_s"] = handle.stall
+            manifest = write_snapshot(self.store, handle.step, leaves, self._ranks, metrics=metrics, meta=meta)
             handle.advance(SnapshotState.WRITTEN)
             handle.advance(SnapshotState.COMMITTED)
-            if self._ranks.rank == 0:
-                self._apply_retention(handle.step)
-            handle.advance(SnapshotState.DURABLE)
-            log.debug("ckptd: step %d: committed", handle.step)
-            self._persists.append(time.monotonic() - handle.started)
-            self._stalls.append(handle.stall)
-            handle.durable.set_result(_info(self.store, manifest))
         except BaseException as e:
-            handle.advance(SnapshotState.FAILED)
-            err = SnapshotError(f"snapshot of step {handle.step} failed: {e}")
-            err.__cause__ = e
-            with self._lock:
-                self._errors.append(err)
-            handle.durable.set_exception(err)
+            self._record_failure(handle, e)
+            return
+        finally:  # after a failure is recorded, so the next snapshot's step() sees it
+            self._pool_free.set()
+        if self._ranks.rank == 0:
+            self._apply_retention(handle.step)
+        handle.advance(SnapshotState.DURABLE)
+        log.debug("ckptd: step %d: committed", handle.step)
+        self._persists.append(time.monotonic() - handle.started)
+        self._stalls.append(handle.stall)
+        handle.durable.set_result(_info(self.store, manifest))
+
+    def _record_failure(self, handle: SnapshotHandle, e: BaseException) -> None:
+        handle.advance(SnapshotState.FAILED)
+        err = SnapshotError(f"snapshot of step {handle.step} failed: {e}")
+        err.__cause__ = e
+        with self._lock:
+            self._errors.append(err)
+        handle.durable.set_exception(err)
 
     def _apply_retention(self, step: int) -> None:
         try:
