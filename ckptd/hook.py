@@ -118,6 +118,7 @@ class Checkpointer:
         self._force: str | None = None
         self._auto_step: int | None = None
         self._attach_mode = False
+        self._warned_backlog = False
         self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.state.optimizers]
         self._closed = False
 
@@ -264,8 +265,10 @@ class Checkpointer:
         t0 = time.perf_counter()
         log.debug("ckptd: step %d: staging", step)
         if not self._pool_free.is_set():
-            log.warning("ckptd: step %d waits for the previous snapshot's write; snapshots come "
-                        "faster than they persist, so lengthen the interval", step)
+            level = logging.DEBUG if self._warned_backlog else logging.WARNING
+            self._warned_backlog = True
+            log.log(level, "ckptd: step %d waits for the previous snapshot's write; snapshots come "
+                    "faster than they persist, so lengthen the interval", step)
             self._pool_free.wait()
         handle = SnapshotHandle(step, started=time.monotonic())
         leaves = flatten(self.state.capture(self._ranks.rank))
