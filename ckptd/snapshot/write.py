@@ -76,7 +76,8 @@ def write_dcp(directory: str, leaves: Sequence[Leaf], ranks: Ranks) -> list[Item
     items = list(empties)
     for index, info in md.storage_data.items():
         items.append(_item(index, info, md.state_dict_metadata[index.fqn], paths[index.fqn]))
-    return sorted(items, key=lambda i: (i.fqn, i.chunk_offsets))
+    order = {fqn: n for n, fqn in enumerate(paths)}  # the state's own order, so restore keeps it
+    return sorted(items, key=lambda i: (order[i.fqn], i.chunk_offsets))
 
 
 def _is_empty(value: Any) -> bool:
