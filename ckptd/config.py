@@ -28,6 +28,9 @@ class CheckpointerConfig:
     """Seconds before a snapshot without manifest counts as garbage (its writer is gone)."""
     gpus: int | None = None
     """GPUs the job uses, for the failure rate; None: the world size."""
+    local: str | None = None
+    """Local tier of an object store (e.g. /dev/shm/ckptd or an NVMe path); None picks
+    $CKPTD_LOCAL or a directory under the temp dir."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.keep_last, int) or self.keep_last < 1:

@@ -28,7 +28,6 @@ import torch.distributed as dist
 from .config import CheckpointerConfig
 from .errors import CkptdError, ConfigError, NoSnapshot, SnapshotError
 from .policy import PolicyContext, SnapshotPolicy, parse_policy
-from .restore.choose import newest_good
 from .restore.find import SnapshotInfo
 from .restore.load import read_state
 from .snapshot.capture import TrainingState
@@ -41,6 +40,7 @@ from .snapshot.write import Ranks, write_snapshot
 from .store import open_store
 from .store import retention
 from .store.file import FileStore
+from .store.tiers import Tiers
 
 log = logging.getLogger("ckptd")
 
@@ -89,16 +89,15 @@ class Checkpointer:
         store = store if store is not None else os.environ.get("CKPTD_STORE")
         if not store:
             raise ConfigError("no store given: pass a path or URI, or set CKPTD_STORE")
-        opened = open_store(store)
-        if not isinstance(opened, FileStore):
-            raise ConfigError(f"store {store!r}: snapshots are written to a local path; s3:// needs the S3 tier")
-        self.store = opened
         self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra)
         self.policy = _resolve_policy(policy)
-        self._ranks, self._decide_group = _make_ranks()
-        self._retention = retention.Retention(
+        rule = retention.Retention(
             keep_last=self.config.keep_last, keep_every=self.config.keep_every, grace=self.config.incomplete_grace
         )
+        self._ranks, self._decide_group = _make_ranks()
+        self.tiers = Tiers(open_store(store), local=self.config.local, rank=self._ranks.rank,
+                           world_size=self._ranks.world_size, rule=rule)
+        self.store: FileStore = self.tiers.local
         pin = torch.cuda.is_available()
         self._pool = HostPool(pin=pin, budget=self.config.staging_budget, reserve=self.config.memory_reserve)
         self._stager = make_stager()
@@ -170,6 +169,7 @@ class Checkpointer:
                 h.remove()
             self._persist.shutdown(wait=True)
             self._stager.close()
+            self.tiers.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -212,13 +212,22 @@ class Checkpointer:
 
     def _choose(self, step: int | None) -> Manifest | None:
         if not self._ranks.distributed:
-            return newest_good(self.store, step)
-        chosen = [None]
+            return self.tiers.newest_good(step)
+        chosen: list = [None]
         if self._ranks.rank == 0:
-            m = newest_good(self.store, step)
+            m = self.tiers.newest_good(step)
             chosen = [None if m is None else m.step]
         dist.broadcast_object_list(chosen, src=0, group=self._decide_group)
-        return None if chosen[0] is None else newest_good(self.store, chosen[0])
+        return None if chosen[0] is None else self.tiers.newest_good(chosen[0])
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Snapshots in every tier of this Checkpointer's store, oldest first."""
+        return self.tiers.list()
+
+    @property
+    def backlog(self) -> list[int]:
+        """Steps committed locally that are not yet durable in the object store."""
+        return self.tiers.backlog
 
     def _catch_up_schedulers(self) -> None:
         # attach() snapshots inside optimizer.step(), before the loop's scheduler.step().
@@ -299,6 +308,9 @@ class Checkpointer:
             handle.staged.result()
             handle.advance(SnapshotState.STAGED)
             log.debug("ckptd: step %d: staged, writing", handle.step)
+            if not self.tiers.make_room(int(self._pool.nbytes * 1.1)):
+                raise SnapshotError(f"local tier {self.store.root} is full and holds nothing durable to drop; "
+                                    "snapshot skipped: free space there or point local= at a larger disk")
             meta["stall_s"] = handle.stall
             manifest = write_snapshot(self.store, handle.step, leaves, self._ranks, metrics=metrics, meta=meta)
             handle.advance(SnapshotState.WRITTEN)
@@ -308,13 +320,21 @@ class Checkpointer:
             return
         finally:  # after a failure is recorded, so the next snapshot's step() sees it
             self._pool_free.set()
-        if self._ranks.rank == 0:
-            self._apply_retention(handle.step)
-        handle.advance(SnapshotState.DURABLE)
         log.debug("ckptd: step %d: committed", handle.step)
-        self._persists.append(time.monotonic() - handle.started)
         self._stalls.append(handle.stall)
-        handle.durable.set_result(_info(self.store, manifest))
+        durable = self.tiers.committed(manifest)
+        self._apply_retention(handle.step)
+        durable.add_done_callback(lambda fut: self._durable(handle, manifest, fut))
+
+    def _durable(self, handle: SnapshotHandle, manifest: Manifest, fut: Future) -> None:
+        if fut.exception() is not None:
+            self._record_failure(handle, fut.exception())
+            return
+        handle.advance(SnapshotState.DURABLE)
+        log.debug("ckptd: step %d: durable", handle.step)
+        self._persists.append(time.monotonic() - handle.started)
+        tiers = ("local",) if self.tiers.remote is None else ("local", "s3")
+        handle.durable.set_result(_info(self.store, manifest, tiers))
 
     def _record_failure(self, handle: SnapshotHandle, e: BaseException) -> None:
         handle.advance(SnapshotState.FAILED)
@@ -326,7 +346,7 @@ class Checkpointer:
 
     def _apply_retention(self, step: int) -> None:
         try:
-            retention.apply(self.store, self._retention, protect=frozenset({step}))
+            self.tiers.apply_retention(step)
         except (OSError, CkptdError) as e:
             log.warning("ckptd: retention after step %d failed: %s", step, e)
 
@@ -417,7 +437,7 @@ def _median(values) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _info(store: FileStore, m: Manifest) -> SnapshotInfo:
+def _info(store: FileStore, m: Manifest, tiers: tuple[str, ...]) -> SnapshotInfo:
     return SnapshotInfo(
-        m.step, m.created_at, m.nbytes, True, ("local",), f"{store.uri}/{step_dir(m.step)}", m.world_size, m.metrics
+        m.step, m.created_at, m.nbytes, True, tiers, f"{store.uri}/{step_dir(m.step)}", m.world_size, m.metrics
     )
