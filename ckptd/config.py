@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 
 from .errors import ConfigError
 
@@ -28,6 +29,11 @@ class CheckpointerConfig:
     """Seconds before a snapshot without manifest counts as garbage (its writer is gone)."""
     gpus: int | None = None
     """GPUs the job uses, for the failure rate; None: the world size."""
+    handle_sigterm: bool = True
+    """On SIGTERM (a preemption notice), snapshot at the next step, wait for it to be
+    durable within ``grace``, and exit 75; skipped if SIGTERM already has a handler."""
+    grace: float = field(default_factory=lambda: float(os.environ.get("CKPTD_GRACE", "30")))
+    """Seconds from SIGTERM to exit (default $CKPTD_GRACE or 30)."""
     local: str | None = None
     """Local tier of an object store (e.g. /dev/shm/ckptd or an NVMe path); None picks
     $CKPTD_LOCAL or a directory under the temp dir."""
@@ -41,6 +47,8 @@ class CheckpointerConfig:
             raise ConfigError(f"staging_budget={self.staging_budget!r}: give bytes > 0, or None")
         if self.incomplete_grace < 0:
             raise ConfigError(f"incomplete_grace={self.incomplete_grace!r}: must be >= 0 seconds")
+        if not self.grace > 0:
+            raise ConfigError(f"grace={self.grace!r}: must be > 0 seconds (check CKPTD_GRACE)")
         if self.gpus is not None and self.gpus < 1:
             raise ConfigError(f"gpus={self.gpus!r}: must be >= 1, or None for the world size")
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import statistics
 import threading
 import time
 import warnings
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from typing import Any
@@ -27,39 +25,34 @@ import torch.distributed as dist
 
 from .config import CheckpointerConfig
 from .errors import CkptdError, ConfigError, NoSnapshot, SnapshotError
+from .measure import Measurements
 from .policy import PolicyContext, SnapshotPolicy, parse_policy
+from .preempt import EXIT_PREEMPTED, PreemptionWatch
+from .progress import ProgressWriter
 from .restore.find import SnapshotInfo
 from .restore.load import read_state
 from .snapshot.capture import TrainingState
+from .snapshot.failures import FailureLog, SnapshotFailedWarning
 from .snapshot.flatten import Leaf, flatten
 from .snapshot.lifecycle import SnapshotHandle, SnapshotState
 from .snapshot.manifest import Manifest, step_dir
 from .snapshot.rng import restore_rng
 from .snapshot.stage import HostPool, make_stager
 from .snapshot.write import Ranks, write_snapshot
-from .store import open_store
-from .store import retention
+from .store import open_store, retention
 from .store.file import FileStore
 from .store.tiers import Tiers
 
 log = logging.getLogger("ckptd")
 
-_RECENT = 16
-
-
-class SnapshotFailedWarning(UserWarning):
-    """A snapshot failed in the background; training goes on."""
-
-
-def _default_policy() -> SnapshotPolicy:
-    from .policy import RiskAwarePolicy
-
-    return RiskAwarePolicy()
+__all__ = ["Checkpointer", "attach", "SnapshotFailedWarning", "EXIT_PREEMPTED"]
 
 
 def _resolve_policy(policy: Any) -> SnapshotPolicy:
     if policy is None:
-        return _default_policy()
+        from .policy import RiskAwarePolicy
+
+        return RiskAwarePolicy()
     if isinstance(policy, str):
         return parse_policy(policy)
     if not callable(getattr(policy, "should_snapshot", None)):
@@ -98,26 +91,23 @@ class Checkpointer:
         self.tiers = Tiers(open_store(store), local=self.config.local, rank=self._ranks.rank,
                            world_size=self._ranks.world_size, rule=rule)
         self.store: FileStore = self.tiers.local
-        pin = torch.cuda.is_available()
-        self._pool = HostPool(pin=pin, budget=self.config.staging_budget, reserve=self.config.memory_reserve)
+        self.measure = Measurements()
+        self._pool = HostPool(pin=torch.cuda.is_available(), budget=self.config.staging_budget,
+                              reserve=self.config.memory_reserve)
         self._stager = make_stager()
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="ckptd-persist")
         self._pool_free = threading.Event()
         self._pool_free.set()
         self._pending_stage: Future | None = None
         self._inflight: list[SnapshotHandle] = []
-        self._errors: list[BaseException] = []
+        self._failures = FailureLog()
         self._lock = threading.Lock()
-        self._step_times: deque[float] = deque(maxlen=64)
-        self._stalls: deque[float] = deque(maxlen=_RECENT)
-        self._persists: deque[float] = deque(maxlen=_RECENT)
-        self._last_step_at: float | None = None
-        self._last_snapshot: tuple[int, float] | None = None
-        self._started = time.monotonic()
         self._force: str | None = None
         self._auto_step: int | None = None
         self._attach_mode = False
         self._warned_backlog = False
+        self._progress = ProgressWriter()
+        self._preempt = PreemptionWatch() if self.config.handle_sigterm else None
         self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.state.optimizers]
         self._closed = False
 
@@ -126,17 +116,19 @@ class Checkpointer:
     def step(self, step: int, **metrics: float) -> bool:
         """Call after step ``step`` finished; True when it started a snapshot."""
         now = time.monotonic()
-        if self._last_step_at is not None:
-            self._step_times.append(now - self._last_step_at)
-        self._last_step_at = now
+        self.measure.step_done(now)
+        self._progress.step(step)
         self._report_failures()
+        if self._preempt is not None and self._preempt.requested:
+            self._exit_preempted(step, metrics)
         if not self._decide(self._wants_snapshot(step, now)):
             return False
         self._force = None
         try:
             self._start(step, metrics)
         except CkptdError as e:
-            self._fail_now(step, e)
+            self._failures.record(step, "was not taken", e)
+            self._report_failures()
             return False
         return True
 
@@ -150,26 +142,32 @@ class Checkpointer:
         log.warning("ckptd: snapshot requested: %s", reason)
         self._force = reason
 
-    def wait(self) -> None:
-        """Wait for every snapshot in flight; re-raise a failure with its step."""
-        for handle in list(self._inflight):
-            wait_futures([handle.durable])
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for every snapshot in flight to be durable; re-raise a failure with its step."""
+        _, pending = wait_futures([h.durable for h in list(self._inflight)], timeout=timeout)
+        if pending:
+            steps = sorted(h.step for h in self._inflight if h.durable in pending)
+            raise SnapshotError(f"snapshots of steps {steps} are not durable after {timeout} s "
+                                f"(upload backlog {self.backlog}); they are kept in {self.store.root}")
         self._prune()
-        self._raise_errors()
+        self._failures.raise_all()
 
-    def close(self) -> None:
-        """Wait until the last snapshot is committed, release threads, re-raise failures."""
+    def close(self, timeout: float | None = None) -> None:
+        """Wait until the last snapshot is durable, release threads, re-raise failures."""
         if self._closed:
             return
         self._closed = True
         try:
-            self.wait()
+            self.wait(timeout)
         finally:
             for h in self._hooks:
                 h.remove()
+            if self._preempt is not None:
+                self._preempt.uninstall()
             self._persist.shutdown(wait=True)
             self._stager.close()
-            self.tiers.close()
+            self.tiers.close(wait=timeout is None)
+            self._progress.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -183,6 +181,19 @@ class Checkpointer:
         except CkptdError as e:  # the escaping exception matters more
             log.error("ckptd: %s", e)
 
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Snapshots in every tier of this Checkpointer's store, oldest first."""
+        return self.tiers.list()
+
+    @property
+    def backlog(self) -> list[int]:
+        """Steps committed locally that are not yet durable in the object store."""
+        return self.tiers.backlog
+
+    def stats(self) -> dict[str, Any]:
+        """Staging memory, median step/stall/persist seconds and the upload backlog."""
+        return {"pool_bytes": self._pool.nbytes, "backlog": self.backlog, **self.measure.summary()}
+
     # -- restore ------------------------------------------------------------
 
     def restore(self, step: int | None = None) -> int:
@@ -193,10 +204,10 @@ class Checkpointer:
             if step is not None:
                 raise NoSnapshot(f"{self.store.uri} has no snapshot of step {step}")
             log.info("ckptd: no snapshot in %s; starting from step 0", self.store.uri)
+            self._progress.event("restored", step=None)
             return 0
         directory = self.store.path_of(step_dir(manifest.step))
-        state = read_state(directory, manifest)
-        rng = self.state.apply(state, rank=self._ranks.rank)
+        rng = self.state.apply(read_state(directory, manifest), rank=self._ranks.rank)
         if self._attach_mode and manifest.meta.get("attach"):
             self._catch_up_schedulers()
         notes = restore_rng(rng or {}, reseed=manifest.step * 1000 + self._ranks.rank)
@@ -204,10 +215,11 @@ class Checkpointer:
             notes.insert(0, f"no RNG state of rank {self._ranks.rank} in the snapshot: generators reseeded")
         for note in notes:
             warnings.warn(f"ckptd: {note}", stacklevel=2)
-        self._last_snapshot = (manifest.step, time.monotonic())
+        self.measure.snapshot_started(manifest.step, time.monotonic())
         if self._auto_step is not None:
             self._auto_step = manifest.step + 1
         log.info("ckptd: restored step %d from %s", manifest.step, directory)
+        self._progress.event("restored", step=manifest.step)
         return manifest.step + 1
 
     def _choose(self, step: int | None) -> Manifest | None:
@@ -219,15 +231,6 @@ class Checkpointer:
             chosen = [None if m is None else m.step]
         dist.broadcast_object_list(chosen, src=0, group=self._decide_group)
         return None if chosen[0] is None else self.tiers.newest_good(chosen[0])
-
-    def snapshots(self) -> list[SnapshotInfo]:
-        """Snapshots in every tier of this Checkpointer's store, oldest first."""
-        return self.tiers.list()
-
-    @property
-    def backlog(self) -> list[int]:
-        """Steps committed locally that are not yet durable in the object store."""
-        return self.tiers.backlog
 
     def _catch_up_schedulers(self) -> None:
         # attach() snapshots inside optimizer.step(), before the loop's scheduler.step().
@@ -241,18 +244,8 @@ class Checkpointer:
     def context(self, step: int, now: float | None = None) -> PolicyContext:
         """What the policy sees now."""
         now = time.monotonic() if now is None else now
-        last = self._last_snapshot
-        return PolicyContext(
-            step=step,
-            now=now,
-            steps_since=None if last is None else step - last[0],
-            seconds_since=now - (self._started if last is None else last[1]),
-            step_time=_median(self._step_times),
-            stall=_median(self._stalls),
-            persist=_median(self._persists),
-            in_flight=sum(1 for h in self._inflight if not h.durable.done()),
-            gpus=self.config.gpus or self._ranks.world_size,
-        )
+        in_flight = sum(1 for h in self._inflight if not h.durable.done())
+        return self.measure.context(step, now, in_flight=in_flight, gpus=self.config.gpus or self._ranks.world_size)
 
     def _wants_snapshot(self, step: int, now: float) -> bool:
         if self._ranks.rank != 0:
@@ -267,6 +260,17 @@ class Checkpointer:
         flag = torch.tensor([1 if mine else 0], dtype=torch.int32)
         dist.broadcast(flag, src=0, group=self._decide_group)
         return bool(flag.item())
+
+    def _exit_preempted(self, step: int, metrics: dict[str, float]) -> None:
+        """SIGTERM arrived: snapshot this step, wait for it within the grace period, exit 75."""
+        log.warning("ckptd: SIGTERM: emergency snapshot of step %d", step)
+        try:
+            self._start(step, metrics)
+            self.close(timeout=self._preempt.remaining(self.config.grace))
+            self._progress.event("preempted", step=step)
+        except CkptdError as e:
+            log.error("ckptd: emergency snapshot of step %d failed: %s", step, e)
+        raise SystemExit(EXIT_PREEMPTED)
 
     # -- the snapshot data path ---------------------------------------------
 
@@ -288,10 +292,8 @@ class Checkpointer:
         for fqn, t in tensors.items():
             (later_pairs if t.data_ptr() in deferred else now_pairs).append((t, bufs[fqn]))
         self._stager.copy(now_pairs, wait=True).result()
-        staged = [
-            Leaf(leaf.fqn, leaf.path, bufs[leaf.fqn] if leaf.fqn in bufs else copy.deepcopy(leaf.value))
-            for leaf in leaves
-        ]
+        staged = [Leaf(leaf.fqn, leaf.path, bufs[leaf.fqn] if leaf.fqn in bufs else copy.deepcopy(leaf.value))
+                  for leaf in leaves]
         self._pool_free.clear()
         handle.staged = self._stager.copy(later_pairs, wait=False)
         self._pending_stage = handle.staged
@@ -300,7 +302,7 @@ class Checkpointer:
         with self._lock:
             self._inflight.append(handle)
         self._persist.submit(self._write, handle, staged, dict(metrics), meta)
-        self._last_snapshot = (step, time.monotonic())
+        self.measure.snapshot_started(step, time.monotonic())
         return handle
 
     def _write(self, handle: SnapshotHandle, leaves: list[Leaf], metrics: dict, meta: dict) -> None:
@@ -316,33 +318,31 @@ class Checkpointer:
             handle.advance(SnapshotState.WRITTEN)
             handle.advance(SnapshotState.COMMITTED)
         except BaseException as e:
-            self._record_failure(handle, e)
+            self._fail(handle, "failed", e)
             return
         finally:  # after a failure is recorded, so the next snapshot's step() sees it
             self._pool_free.set()
         log.debug("ckptd: step %d: committed", handle.step)
-        self._stalls.append(handle.stall)
+        self.measure.stall(handle.stall)
         durable = self.tiers.committed(manifest)
         self._apply_retention(handle.step)
         durable.add_done_callback(lambda fut: self._durable(handle, manifest, fut))
 
     def _durable(self, handle: SnapshotHandle, manifest: Manifest, fut: Future) -> None:
         if fut.exception() is not None:
-            self._record_failure(handle, fut.exception())
+            self._fail(handle, "was committed locally but not promoted", fut.exception())
             return
         handle.advance(SnapshotState.DURABLE)
         log.debug("ckptd: step %d: durable", handle.step)
-        self._persists.append(time.monotonic() - handle.started)
+        self.measure.persist(time.monotonic() - handle.started)
         tiers = ("local",) if self.tiers.remote is None else ("local", "s3")
-        handle.durable.set_result(_info(self.store, manifest, tiers))
+        handle.durable.set_result(SnapshotInfo(
+            manifest.step, manifest.created_at, manifest.nbytes, True, tiers,
+            f"{self.store.uri}/{step_dir(manifest.step)}", manifest.world_size, manifest.metrics))
 
-    def _record_failure(self, handle: SnapshotHandle, e: BaseException) -> None:
+    def _fail(self, handle: SnapshotHandle, what: str, e: BaseException) -> None:
         handle.advance(SnapshotState.FAILED)
-        err = SnapshotError(f"snapshot of step {handle.step} failed: {e}")
-        err.__cause__ = e
-        with self._lock:
-            self._errors.append(err)
-        handle.durable.set_exception(err)
+        handle.durable.set_exception(self._failures.record(handle.step, what, e))
 
     def _apply_retention(self, step: int) -> None:
         try:
@@ -365,32 +365,11 @@ class Checkpointer:
 
     # -- errors -------------------------------------------------------------
 
-    def _fail_now(self, step: int, e: CkptdError) -> None:
-        err = SnapshotError(f"snapshot of step {step} was not taken: {e}")
-        err.__cause__ = e
-        with self._lock:
-            self._errors.append(err)
-        self._report_failures()
-
     def _report_failures(self) -> None:
         self._prune()
-        if not self._errors:
-            return
-        if self.config.on_error == "raise":
-            self._raise_errors()
-        for err in self._errors:
-            if not getattr(err, "_ckptd_warned", False):
-                err._ckptd_warned = True  # type: ignore[attr-defined]
-                log.error("ckptd: %s", err)
-                warnings.warn(str(err), SnapshotFailedWarning, stacklevel=3)
-
-    def _raise_errors(self) -> None:
-        with self._lock:
-            errors, self._errors = self._errors, []
-        if errors:
-            raise errors[-1] if len(errors) == 1 else SnapshotError(
-                f"{len(errors)} snapshots failed; the last: {errors[-1]}"
-            ) from errors[-1]
+        if self._failures and self.config.on_error == "raise":
+            self._failures.raise_all()
+        self._failures.warn_new()
 
     def _prune(self) -> None:
         with self._lock:
@@ -431,13 +410,3 @@ def _make_ranks() -> tuple[Ranks, Any]:
     write_group = dist.new_group(backend="gloo")
     decide_group = dist.new_group(backend="gloo")
     return Ranks(dist.get_rank(), dist.get_world_size(), write_group), decide_group
-
-
-def _median(values) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _info(store: FileStore, m: Manifest, tiers: tuple[str, ...]) -> SnapshotInfo:
-    return SnapshotInfo(
-        m.step, m.created_at, m.nbytes, True, tiers, f"{store.uri}/{step_dir(m.step)}", m.world_size, m.metrics
-    )

@@ -66,3 +66,17 @@ def test_kill_during_write_leaves_no_committed_partial(tmp_path):
     resumed = run_trainer(store, *ARGS)
     assert resumed.returncode == 0
     assert any("starting at step 0" in line for line in resumed.lines)
+
+
+def test_sigterm_takes_an_emergency_snapshot_and_exits_resumable(tmp_path):
+    store, losses = str(tmp_path / "store"), str(tmp_path / "loss.log")
+    args = ("--steps", "200", "--policy", "every:1000", "--step-sleep", "0.02", "--loss-log", losses)
+    run = run_trainer(store, *args, kill_on=r"starting at step", kill_delay=1.0, sig=signal.SIGTERM)
+    assert run.returncode == 75, "\n".join(run.lines[-10:])
+    with open(losses) as f:
+        last_done = max(int(line.split()[0]) for line in f)
+    committed = [d for d in os.listdir(store) if os.path.exists(os.path.join(store, d, "ckptd.json"))]
+    assert committed == [f"step-{last_done:012d}"], "the emergency snapshot must hold every completed step"
+    resumed = run_trainer(store, "--steps", str(last_done + 3), "--policy", "every:1000")
+    assert resumed.returncode == 0
+    assert any(f"starting at step {last_done + 1}" in line for line in resumed.lines)

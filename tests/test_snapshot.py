@@ -264,7 +264,7 @@ def test_snapshot_over_budget_is_refused_and_training_goes_on(tmp_path):
     ck = ckpt_for(tmp_path, model, opt, sched, counter, policy="every:1", staging_budget=1024)
     with pytest.raises(InsufficientMemory, match="staging_budget"):
         ck.save(0)
-    with pytest.warns(ckptd.hook.SnapshotFailedWarning, match="not taken"):
+    with pytest.warns(ckptd.snapshot.failures.SnapshotFailedWarning, match="not taken"):
         train_step(model, opt, sched, counter)
         assert ck.step(0) is False
     with pytest.raises(SnapshotError):
