@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 import time
 
@@ -68,9 +70,20 @@ def next_batch(state):
         return next(state["it"])
 
 
+def crash_once(how: str, marker: str | None) -> None:
+    """Die as a faulty job would, unless the marker says this already happened."""
+    if marker and os.path.exists(marker):
+        return
+    if marker:
+        open(marker, "w").close()
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(1)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", default=None, help="store URI (default: $CKPTD_STORE)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--policy", default="every:5")
     p.add_argument("--width", type=int, default=256)
@@ -78,6 +91,9 @@ def main(argv=None) -> int:
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra 'compute' per step")
     p.add_argument("--loss-log", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--crash-at", type=int, default=None, help="crash once, after this step (for tests)")
+    p.add_argument("--crash-with", choices=["exit", "sigkill"], default="exit")
+    p.add_argument("--crash-marker", default=None, help="file that records the crash happened")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.verbose:
@@ -105,6 +121,8 @@ def main(argv=None) -> int:
             log.write(f"{step} {loss.item().hex()}\n")
             log.flush()
         ckpt.step(step, loss=loss.item())
+        if step == args.crash_at:
+            crash_once(args.crash_with, args.crash_marker)
     ckpt.close()
     if args.out:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, args.out)

@@ -1,0 +1,248 @@
+"""``ckptd run``: launch a training command, relaunch it on failure, report (no torch).
+
+The job resumes through its own ``Checkpointer.restore()``; the supervisor
+only sets ``CKPTD_STORE``, ``CKPTD_PROGRESS`` and ``CKPTD_GRACE``, keeps bad
+GPUs out of ``CUDA_VISIBLE_DEVICES``, and reads the progress events to say
+what each restart cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .errors import ConfigError
+from .preempt import EXIT_PREEMPTED
+from .progress import ENV as PROGRESS_ENV
+from .progress import Attempt, read_attempts
+
+log = logging.getLogger("ckptd")
+
+EXIT_EXHAUSTED = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """How ``ckptd run`` launches and relaunches one job."""
+
+    store: str
+    """Store URI handed to the job as CKPTD_STORE."""
+    command: tuple[str, ...]
+    """The training command, e.g. ('torchrun', '--nproc-per-node', '4', 'train.py')."""
+    max_restarts: int = 10
+    """Relaunches after failures before giving up."""
+    backoff: float = 1.0
+    """Seconds before the first relaunch; doubles each time up to ``backoff_max``."""
+    backoff_max: float = 60.0
+    """Longest wait between relaunches."""
+    grace: float = 30.0
+    """Seconds from SIGTERM to SIGKILL; the job's emergency snapshot must fit in it."""
+    gpus: tuple[int, ...] | None = None
+    """CUDA devices the job may use; None leaves CUDA_VISIBLE_DEVICES alone."""
+    socket: str | None = None
+    """The node daemon's socket, handed to the job as CKPTD_SOCKET."""
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ConfigError("ckptd run needs a command after --, e.g. ckptd run --store DIR -- python train.py")
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts {self.max_restarts}: must be >= 0")
+        if not 0 <= self.backoff <= self.backoff_max:
+            raise ConfigError("backoff must be between 0 and backoff_max seconds")
+        if not self.grace > 0:
+            raise ConfigError(f"--grace {self.grace}: must be > 0 seconds")
+
+
+@dataclass
+class Restart:
+    """One failure and the relaunch that followed it."""
+
+    cause: str
+    exit_code: int
+    lost_steps: int | None = None
+    detection_s: float | None = None
+    restart_s: float | None = None
+    restore_s: float | None = None
+    catch_up_s: float | None = None
+
+    @property
+    def recovery_s(self) -> float | None:
+        parts = (self.detection_s, self.restart_s, self.restore_s, self.catch_up_s)
+        return None if any(p is None for p in parts) else sum(parts)  # type: ignore[arg-type]
+
+
+@dataclass
+class RunSummary:
+    """How the run ended and what each restart cost."""
+
+    outcome: str
+    exit_code: int
+    restarts: list[Restart] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def describe_exit(code: int) -> str:
+    """A cause in words: 'exit 1', 'killed by SIGKILL', 'preempted (exit 75)'."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    if code == EXIT_PREEMPTED:
+        return f"preempted (exit {EXIT_PREEMPTED})"
+    return f"exit {code}"
+
+
+def with_nproc(command: Sequence[str], nproc: int) -> list[str]:
+    """A torchrun command with --nproc-per-node set to ``nproc``; other commands unchanged."""
+    cmd = list(command)
+    is_torchrun = os.path.basename(cmd[0]) == "torchrun" or cmd[1:3] == ["-m", "torch.distributed.run"]
+    if not is_torchrun:
+        return cmd
+    for i, arg in enumerate(cmd):
+        for flag in ("--nproc-per-node", "--nproc_per_node"):
+            if arg == flag and i + 1 < len(cmd):
+                cmd[i + 1] = str(nproc)
+                return cmd
+            if arg.startswith(flag + "="):
+                cmd[i] = f"{flag}={nproc}"
+                return cmd
+    return cmd
+
+
+class Supervisor:
+    """Runs one job until it succeeds, is preempted or runs out of restarts. Not thread-safe."""
+
+    def __init__(self, config: RunConfig, *, bad_gpus: Callable[[], set[int]] = set) -> None:
+        self.config = config
+        self._bad_gpus = bad_gpus
+        self._child: subprocess.Popen | None = None
+        self._sigterm_at: float | None = None
+        self._workdir = tempfile.mkdtemp(prefix="ckptd-run-")
+        self.progress_path = os.path.join(self._workdir, "progress.jsonl")
+
+    def run(self) -> RunSummary:
+        t0 = time.monotonic()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            summary = self._loop()
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        summary.wall_s = time.monotonic() - t0
+        return summary
+
+    def _loop(self) -> RunSummary:
+        restarts: list[Restart] = []
+        while True:
+            code, noticed = self._launch_and_wait()
+            if code == 0:
+                return self._finish("completed", 0, restarts)
+            if self._sigterm_at is not None:
+                return self._finish("preempted", EXIT_PREEMPTED, restarts)
+            restarts.append(Restart(describe_exit(code), code, detection_s=noticed))
+            log.warning("ckptd run: job ended: %s", restarts[-1].cause)
+            if len(restarts) > self.config.max_restarts:
+                restarts.pop()
+                return self._finish(f"exhausted after {self.config.max_restarts} restarts ({describe_exit(code)})",
+                                    code if code > 0 else 128 - code if code < 0 else EXIT_EXHAUSTED, restarts)
+            delay = min(self.config.backoff * 2 ** (len(restarts) - 1), self.config.backoff_max)
+            log.warning("ckptd run: relaunching in %.1f s (restart %d of at most %d)",
+                        delay, len(restarts), self.config.max_restarts)
+            if self._sleep(delay):
+                return self._finish("preempted", EXIT_PREEMPTED, restarts)
+
+    def _finish(self, outcome: str, code: int, restarts: list[Restart]) -> RunSummary:
+        self._account(restarts)
+        return RunSummary(outcome, code, restarts)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(CKPTD_STORE=self.config.store, CKPTD_GRACE=str(self.config.grace))
+        env[PROGRESS_ENV] = self.progress_path
+        if self.config.socket:
+            env["CKPTD_SOCKET"] = self.config.socket
+        if self.config.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.healthy_gpus())
+        return env
+
+    def healthy_gpus(self) -> list[int]:
+        """Configured GPUs less those the daemon marked bad."""
+        bad = self._bad_gpus()
+        return [g for g in (self.config.gpus or ()) if g not in bad]
+
+    def _command(self) -> list[str]:
+        if self.config.gpus is None:
+            return list(self.config.command)
+        healthy = self.healthy_gpus()
+        if not healthy:
+            raise ConfigError(f"every GPU of {list(self.config.gpus)} is marked bad; nothing to run on")
+        return with_nproc(self.config.command, len(healthy))
+
+    def _launch_and_wait(self) -> tuple[int, float]:
+        """Run the job once; return its exit code and how long its death took to notice."""
+        self._child = subprocess.Popen(self._command(), env=self._env(), start_new_session=True)
+        killed_at = None
+        while True:
+            code = self._child.poll()
+            if code is not None:
+                attempts = read_attempts(self.progress_path)
+                last = attempts[-1].events[-1]["t"] if attempts and attempts[-1].events else time.time()
+                return code, max(0.0, time.time() - last)
+            if self._sigterm_at is not None and killed_at is None:
+                if time.monotonic() - self._sigterm_at > self.config.grace:
+                    log.warning("ckptd run: grace period of %.0f s over; SIGKILL", self.config.grace)
+                    self._signal_job(signal.SIGKILL)
+                    killed_at = time.monotonic()
+            time.sleep(0.05)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._sigterm_at is None:
+            self._sigterm_at = time.monotonic()
+            log.warning("ckptd run: %s: asking the job for an emergency snapshot", signal.Signals(signum).name)
+            self._signal_job(signal.SIGTERM)
+
+    def _signal_job(self, sig: int) -> None:
+        if self._child is not None and self._child.poll() is None:
+            try:
+                os.killpg(self._child.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep, returning True early if SIGTERM arrives."""
+        end = time.monotonic() + seconds
+        while self._sigterm_at is None and (left := end - time.monotonic()) > 0:
+            time.sleep(min(0.05, left))
+        return self._sigterm_at is not None
+
+    def _account(self, restarts: list[Restart]) -> None:
+        """Fill lost work and the recovery split of each restart from the progress events."""
+        attempts = read_attempts(self.progress_path)
+        for i, r in enumerate(restarts):
+            if i + 1 >= len(attempts):
+                break
+            before, after = attempts[i], attempts[i + 1]
+            _split(r, before, after)
+
+
+def _split(r: Restart, before: Attempt, after: Attempt) -> None:
+    resumed_from = -1 if after.restored is None else after.restored
+    if before.last_step is not None:
+        r.lost_steps = max(0, before.last_step - resumed_from)
+    died_at = before.events[-1]["t"] if before.events else None
+    if died_at is not None and after.started is not None:
+        r.restart_s = max(0.0, after.started - died_at - (r.detection_s or 0.0))
+    if after.started is not None and after.restored_at is not None:
+        r.restore_s = after.restored_at - after.started
+    target = before.last_step
+    caught = next((e["t"] for e in after.events if e.get("kind") == "step"
+                   and target is not None and e.get("step", -1) >= target), None)
+    if caught is not None and after.restored_at is not None:
+        r.catch_up_s = max(0.0, caught - after.restored_at)

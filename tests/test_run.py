@@ -1,0 +1,68 @@
+"""`ckptd run`: a job that dies by itself is relaunched and ends as if it never died."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from _trainer import TRAIN, assert_same_state, read_losses
+
+ARGS = ["--steps", "30", "--policy", "every:4", "--width", "128"]
+
+
+def ckptd_run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckptd.cli", "run", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    subprocess.run([sys.executable, TRAIN, "--store", str(d / "s"), *ARGS, "--out", str(d / "final.pt"),
+                    "--loss-log", str(d / "loss.log")], check=True, capture_output=True)
+    return d
+
+
+@pytest.mark.parametrize("how,at", [("exit", 13), ("sigkill", 18)])
+def test_job_that_crashes_once_finishes_equal_to_uninterrupted(reference, tmp_path, how, at):
+    out, losses = str(tmp_path / "final.pt"), str(tmp_path / "loss.log")
+    res = ckptd_run("--store", str(tmp_path / "s"), "--backoff", "0.1", "--", sys.executable, TRAIN, *ARGS,
+                    "--out", out, "--loss-log", losses, "--crash-at", str(at), "--crash-with", how,
+                    "--crash-marker", str(tmp_path / "crashed"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "completed" in res.stderr and "1 restarts" in res.stderr
+    cause = "exit 1" if how == "exit" else "killed by SIGKILL"
+    assert cause in res.stderr
+    assert_same_state(str(reference / "final.pt"), out)
+    ref = read_losses(str(reference / "loss.log"))
+    assert read_losses(losses) == ref
+
+
+def test_exhausted_restarts_end_non_zero_with_a_summary(tmp_path):
+    res = ckptd_run("--store", str(tmp_path / "s"), "--max-restarts", "2", "--backoff", "0.05", "--",
+                    sys.executable, "-c", "import sys; sys.exit(7)")
+    assert res.returncode == 7
+    assert "exhausted after 2 restarts (exit 7)" in res.stderr
+    assert res.stderr.count("exit 7") >= 3
+
+
+def test_sigterm_to_ckptd_run_preempts_the_job_resumably(tmp_path):
+    store, losses = str(tmp_path / "s"), str(tmp_path / "loss.log")
+    proc = subprocess.Popen([sys.executable, "-m", "ckptd.cli", "run", "--store", store, "--grace", "20", "--",
+                             sys.executable, TRAIN, "--steps", "500", "--policy", "every:1000",
+                             "--step-sleep", "0.02", "--loss-log", losses],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (os.path.exists(losses) and os.path.getsize(losses) > 100):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-2000:]
+    assert "preempted" in err
+    done = max(read_losses(losses))
+    assert os.path.exists(os.path.join(store, f"step-{done:012d}", "ckptd.json"))
