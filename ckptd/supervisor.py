@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -135,6 +136,7 @@ class Supervisor:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            shutil.rmtree(self._workdir, ignore_errors=True)
         summary.wall_s = time.monotonic() - t0
         return summary
 
@@ -159,6 +161,7 @@ class Supervisor:
                 return self._finish("preempted", EXIT_PREEMPTED, restarts)
 
     def _finish(self, outcome: str, code: int, restarts: list[Restart]) -> RunSummary:
+        """Account for the restarts while the progress file still exists."""
         self._account(restarts)
         return RunSummary(outcome, code, restarts)
 
