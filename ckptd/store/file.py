@@ -39,7 +39,7 @@ class FileStore:
             self._check_writable()
         elif not os.path.isdir(self.root):
             raise StoreUnreachable(
-                f"store {self.root} does not exist; check the path or create it"
+                f"store {self.root!r} does not exist; check the path or create it"
             )
 
     def _check_writable(self) -> None:
@@ -49,7 +49,7 @@ class FileStore:
                 pass
         except OSError as e:
             raise StoreUnreachable(
-                f"cannot write to store {self.root}: {e.strerror or e}; "
+                f"cannot write to store {self.root!r}: {e.strerror or e}; "
                 "choose a writable directory or fix its permissions"
             ) from e
 
