@@ -321,3 +321,46 @@ def test_manifest_rejects_paths_outside_the_snapshot(tmp_path):
     with pytest.warns(UserWarning, match="outside its snapshot"):
         with pytest.raises(NoSnapshot):
             ckptd.load(str(tmp_path))
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 2 MiB tmpfs, so the local tier really fills."""
+    import subprocess
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_full_local_tier_skips_snapshots_and_keeps_the_committed(tiny_disk):
+    def big(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 256), nn.Linear(256, 2))
+        opt = torch.optim.AdamW(model.parameters())  # about 0.8 MiB per snapshot with its moments
+        return model, opt, torch.optim.lr_scheduler.StepLR(opt, 3), Counter()
+
+    def train_step(model, opt, sched, counter):
+        model(torch.randn(16, 8)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+
+    model, opt, sched, counter = big(0)
+    store = str(tiny_disk / "store")
+    ck = ckpt_for(store, model, opt, sched, counter, policy="every:1", keep_last=10)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for s in range(8):
+            train_step(model, opt, sched, counter)
+            ck.step(s)
+    with pytest.raises(SnapshotError):
+        ck.close()
+    assert any("full" in str(w.message) or "No space" in str(w.message) for w in seen)
+    infos = ckptd.list_snapshots(store)
+    assert infos and all(i.committed for i in infos), "a failed write must not leave a partial snapshot"
+    m2, o2, s2, c2 = big(1)
+    with ckpt_for(store, m2, o2, s2, c2) as ck2:
+        assert ck2.restore() == infos[-1].step + 1

@@ -162,11 +162,16 @@ def write_snapshot(
     """Write, checksum and commit one snapshot into a local store; all ranks call it."""
     key = prepare_dir(store, step, ranks)
     directory = store.path_of(key)
-    items = write_dcp(directory, leaves, ranks)
-    files = checksum_files(directory, ranks)
-    manifest = build_manifest(step, files, items, ranks, metrics=metrics, meta=meta)
-    log.debug("ckptd: step %d: files written, committing", step)
-    commit(store, key, manifest, ranks)
+    try:
+        items = write_dcp(directory, leaves, ranks)
+        files = checksum_files(directory, ranks)
+        manifest = build_manifest(step, files, items, ranks, metrics=metrics, meta=meta)
+        log.debug("ckptd: step %d: files written, committing", step)
+        commit(store, key, manifest, ranks)
+    except BaseException:
+        if ranks.rank == 0 and not store.exists(f"{key}/{MANIFEST}"):
+            store.delete_prefix(key)  # a partial snapshot only takes space (a full disk, say)
+        raise
     return manifest
 
 
