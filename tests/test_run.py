@@ -66,3 +66,21 @@ def test_sigterm_to_ckptd_run_preempts_the_job_resumably(tmp_path):
     assert "preempted" in err
     done = max(read_losses(losses))
     assert os.path.exists(os.path.join(store, f"step-{done:012d}", "ckptd.json"))
+
+
+def test_torchrun_nproc_follows_the_gpus_left():
+    from ckptd.supervisor import with_nproc
+    assert with_nproc(["torchrun", "--nproc-per-node", "4", "train.py"], 3)[2] == "3"
+    assert with_nproc(["torchrun", "--nproc_per_node=4", "train.py"], 2)[1] == "--nproc_per_node=2"
+    assert with_nproc([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "8", "t.py"], 7)[4] == "7"
+    assert with_nproc(["python", "train.py", "--nproc-per-node", "4"], 1) == ["python", "train.py", "--nproc-per-node", "4"]
+
+
+def test_bad_gpus_leave_cuda_visible_devices(tmp_path):
+    from ckptd.supervisor import RunConfig, Supervisor
+    probe = tmp_path / "env.txt"
+    cfg = RunConfig(store=str(tmp_path / "s"), gpus=(0, 1, 2), max_restarts=0,
+                    command=(sys.executable, "-c",
+                             f"import os; open({str(probe)!r}, 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])"))
+    summary = Supervisor(cfg, bad_gpus=lambda: {1}).run()
+    assert summary.exit_code == 0 and probe.read_text() == "0,2"
