@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra 'compute' per step")
     p.add_argument("--loss-log", default=None)
     p.add_argument("--out", default=None)
-    p.add_argument("--crash-at", type=int, default=None, help="crash once, after this step (for tests)")
+    p.add_argument("--crash-at", type=int, default=None,
+                   help="crash once after this step, its snapshots durable (tests, benchmarks)")
     p.add_argument("--crash-with", choices=["exit", "sigkill"], default="exit")
     p.add_argument("--crash-marker", default=None, help="file that records the crash happened")
     p.add_argument("--verbose", action="store_true")
@@ -122,6 +123,7 @@ def main(argv=None) -> int:
             log.flush()
         ckpt.step(step, loss=loss.item())
         if step == args.crash_at:
+            ckpt.wait()  # die with this step's snapshot durable, so the lost work is known
             crash_once(args.crash_with, args.crash_marker)
     ckpt.close()
     if args.out:
