@@ -1,0 +1,30 @@
+"""Fixtures shared by the suite: a real SeaweedFS S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+
+from _seaweed import SeaweedServer
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    """One SeaweedFS server for the session; tests make their own buckets."""
+    server = SeaweedServer(str(tmp_path_factory.mktemp("seaweed")))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3env(seaweed, monkeypatch):
+    """This process talks to the test server through the standard AWS variables."""
+    for key, value in seaweed.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return seaweed
+
+
+@pytest.fixture
+def bucket(s3env):
+    return s3env.make_bucket()
