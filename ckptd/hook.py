@@ -325,7 +325,7 @@ class Checkpointer:
         log.debug("ckptd: step %d: committed", handle.step)
         self.measure.stall(handle.stall)
         durable = self.tiers.committed(manifest)
-        self._apply_retention(handle.step)
+        self._retain(self.tiers.retain_local, handle.step)
         durable.add_done_callback(lambda fut: self._durable(handle, manifest, fut))
 
     def _durable(self, handle: SnapshotHandle, manifest: Manifest, fut: Future) -> None:
@@ -334,6 +334,7 @@ class Checkpointer:
             return
         handle.advance(SnapshotState.DURABLE)
         log.debug("ckptd: step %d: durable", handle.step)
+        self._retain(self.tiers.retain_remote, handle.step)
         self.measure.persist(time.monotonic() - handle.started)
         tiers = ("local",) if self.tiers.remote is None else ("local", "s3")
         handle.durable.set_result(SnapshotInfo(
@@ -344,9 +345,9 @@ class Checkpointer:
         handle.advance(SnapshotState.FAILED)
         handle.durable.set_exception(self._failures.record(handle.step, what, e))
 
-    def _apply_retention(self, step: int) -> None:
+    def _retain(self, apply, step: int) -> None:
         try:
-            self.tiers.apply_retention(step)
+            apply(step)
         except (OSError, CkptdError) as e:
             log.warning("ckptd: retention after step %d failed: %s", step, e)
 

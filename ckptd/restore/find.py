@@ -49,9 +49,10 @@ def snapshot_steps(store: Store) -> list[int]:
     return sorted((s for s in steps if s is not None), reverse=True)
 
 
-def list_snapshots(store: Store | str, *, tier: str = "local") -> list[SnapshotInfo]:
+def list_snapshots(store: Store | str, *, tier: str | None = None) -> list[SnapshotInfo]:
     """Every snapshot in ``store``, oldest first; incomplete ones have ``committed=False``."""
     store = as_store(store)
+    tier = tier or ("s3" if store.uri.startswith("s3://") else "local")
     out = []
     for step in reversed(snapshot_steps(store)):
         key = step_dir(step)

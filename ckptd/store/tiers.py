@@ -63,15 +63,18 @@ class Tiers:
             return done
         return self._promoter.submit(manifest, manifest.to_json())
 
-    def apply_retention(self, step: int) -> None:
-        """Retention on both tiers; local keeps whatever is not durable yet."""
-        protect = frozenset({step, *self.backlog})
-        retention.apply(self.local, self.rule, protect=protect)
-        if self.remote is not None and self.rank == 0:
-            retention.apply(self.remote, self.rule, protect=frozenset({step}))
-            abort = getattr(self.remote, "abort_stale_uploads", None)
-            if abort is not None:
-                abort(self.rule.grace)
+    def retain_local(self, step: int) -> None:
+        """Local retention after a local commit; whatever is not durable yet is kept."""
+        retention.apply(self.local, self.rule, protect=frozenset({step, *self.backlog}))
+
+    def retain_remote(self, step: int) -> None:
+        """Object-store retention after ``step`` became durable there (rank 0 only)."""
+        if self.remote is None or self.rank != 0:
+            return
+        retention.apply(self.remote, self.rule, protect=frozenset({step}))
+        abort = getattr(self.remote, "abort_stale_uploads", None)
+        if abort is not None:
+            abort(self.rule.grace)
 
     def make_room(self, nbytes: int) -> bool:
         """Free ``nbytes`` on the local tier by dropping the oldest durable snapshots; False if impossible."""

@@ -1,0 +1,136 @@
+"""The S3 tier end to end: promotion, restore on a fresh node, outages, corrupt local copies, ranks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ckptd
+from ckptd.store.s3 import S3Store
+from _trainer import TRAIN, assert_same_state, read_losses, run_trainer
+from test_snapshot import Counter, make, train_step, ckpt_for
+
+ARGS = ("--steps", "24", "--policy", "every:4", "--width", "256")
+
+
+def test_snapshots_become_durable_in_s3(bucket, tmp_path):
+    model, opt, sched, counter = make()
+    uri = f"s3://{bucket}/run"
+    with ckpt_for(uri, model, opt, sched, counter, policy="every:2", local=str(tmp_path / "tier")) as ck:
+        for s in range(6):
+            train_step(model, opt, sched, counter)
+            ck.step(s)
+        ck.wait()
+        infos = ck.snapshots()
+    assert [(i.step, i.tiers) for i in infos] == [(1, ("local", "s3")), (3, ("local", "s3")), (5, ("local", "s3"))]
+    remote = ckptd.list_snapshots(uri)
+    assert [i.step for i in remote] == [1, 3, 5] and all(i.committed and i.tiers == ("s3",) for i in remote)
+
+
+def test_fresh_node_resumes_from_s3_bitwise(s3env, tmp_path):
+    bucket = s3env.make_bucket()
+    uri = f"s3://{bucket}/run"
+    ref = run_trainer(str(tmp_path / "ref"), *ARGS, "--out", str(tmp_path / "ref.pt"),
+                      "--loss-log", str(tmp_path / "ref.log"))
+    assert ref.returncode == 0
+    env = {**s3env.env(), "CKPTD_LOCAL": str(tmp_path / "node-a")}
+    first = run_trainer(uri, *ARGS, "--loss-log", str(tmp_path / "run.log"), env=env,
+                        kill_on=r"step 15: durable")
+    assert first.killed_after is not None
+    shutil.rmtree(tmp_path / "node-a")  # the node and its disk are gone
+    env["CKPTD_LOCAL"] = str(tmp_path / "node-b")
+    second = run_trainer(uri, *ARGS, "--loss-log", str(tmp_path / "run.log"), "--out", str(tmp_path / "run.pt"),
+                         env=env)
+    assert second.returncode == 0, "\n".join(second.lines[-20:])
+    assert any("starting at step 16" in line for line in second.lines)
+    assert_same_state(str(tmp_path / "ref.pt"), str(tmp_path / "run.pt"))
+    assert read_losses(str(tmp_path / "run.log")) == read_losses(str(tmp_path / "ref.log"))
+
+
+def test_corrupt_local_copy_falls_back_to_s3(bucket, tmp_path):
+    model, opt, sched, counter = make()
+    uri, tier = f"s3://{bucket}/run", str(tmp_path / "tier")
+    with ckpt_for(uri, model, opt, sched, counter, policy="every:2", local=tier) as ck:
+        for s in range(4):
+            train_step(model, opt, sched, counter)
+            ck.step(s)
+    victim = os.path.join(tier, "step-000000000003", "__0_0.distcp")
+    data = bytearray(open(victim, "rb").read())
+    data[100] ^= 0xFF
+    open(victim, "wb").write(bytes(data))
+    m2, o2, s2, c2 = make(seed=7)
+    with ckpt_for(uri, m2, o2, s2, c2, local=tier) as ck:
+        with pytest.warns(UserWarning, match="downloading step-000000000003"):
+            assert ck.restore() == 4
+    assert torch.equal(m2[0].weight, model[0].weight)
+
+
+def test_outage_keeps_training_and_promotion_catches_up(s3env, tmp_path):
+    bucket = s3env.make_bucket()
+    model, opt, sched, counter = make()
+    uri = f"s3://{bucket}/run"
+    ck = ckpt_for(uri, model, opt, sched, counter, policy="every:2", keep_last=1, local=str(tmp_path / "tier"))
+    for s in range(2):
+        train_step(model, opt, sched, counter)
+        ck.step(s)
+    ck.wait()
+    s3env.kill()
+    try:
+        t0 = time.monotonic()
+        for s in range(2, 8):
+            train_step(model, opt, sched, counter)
+            ck.step(s)
+        assert time.monotonic() - t0 < 20, "training must not wait for the object store"
+        deadline = time.monotonic() + 30
+        while len(ck.backlog) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ck.backlog == [3, 5, 7]
+        local = [i.step for i in ckptd.list_snapshots(str(tmp_path / "tier"))]
+        assert local == [3, 5, 7], "local retention must keep what is not durable, whatever keep_last says"
+    finally:
+        s3env.start()
+    ck.close(timeout=120)
+    remote = [i.step for i in ckptd.list_snapshots(uri) if i.committed]
+    assert remote == [7], "promotion caught up in order and retention then kept the newest"
+    assert [i.step for i in ckptd.list_snapshots(str(tmp_path / "tier"))][-1] == 7
+
+
+def test_two_writers_of_one_step_commit_once(bucket, tmp_path):
+    from ckptd.store.file import FileStore
+    from ckptd.store.transfer import upload_snapshot
+    from ckptd.errors import SnapshotExists
+    from test_snapshot import run
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(a, 2, policy="every:2")
+    run(b, 2, policy="every:2")  # same step, another commit (its own created time)
+    remote = S3Store(bucket, "race")
+    upload_snapshot(FileStore(str(a)), 1, remote)
+    with pytest.raises(SnapshotExists):
+        upload_snapshot(FileStore(str(b)), 1, remote)
+    assert remote.get_bytes("step-000000000001/ckptd.json") == (a / "step-000000000001" / "ckptd.json").read_bytes()
+
+
+def test_two_gloo_ranks_promote_one_snapshot(s3env, tmp_path):
+    from test_distributed import launch
+    bucket = s3env.make_bucket()
+    uri = f"s3://{bucket}/ddp"
+    os.environ["CKPTD_LOCAL"] = str(tmp_path / "tier")
+    try:
+        finals = launch(tmp_path, uri, 2, "save", "s3save")
+        shutil.rmtree(tmp_path / "tier")
+        restored = launch(tmp_path, uri, 2, "restore", "s3restore")
+    finally:
+        del os.environ["CKPTD_LOCAL"]
+    infos = ckptd.list_snapshots(uri)
+    assert [i.step for i in infos if i.committed] == [2, 5] and infos[-1].world_size == 2
+    names = {o.key.split("/")[-1] for o in S3Store(bucket, "ddp").list("step-000000000005")}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "ckptd.json", ".rank-0.done", ".rank-1.done"} <= names
+    for got in restored:
+        assert got["start"] == 6
+        assert torch.equal(got["model"]["0.weight"], finals[0]["model"]["0.weight"])
