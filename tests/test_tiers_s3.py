@@ -134,3 +134,16 @@ def test_two_gloo_ranks_promote_one_snapshot(s3env, tmp_path):
     for got in restored:
         assert got["start"] == 6
         assert torch.equal(got["model"]["0.weight"], finals[0]["model"]["0.weight"])
+
+
+def test_load_reads_a_snapshot_that_is_only_in_s3(bucket, tmp_path):
+    model, opt, sched, counter = make()
+    uri = f"s3://{bucket}/run"
+    with ckpt_for(uri, model, opt, sched, counter, policy="every:2", local=str(tmp_path / "tier")) as ck:
+        for s in range(4):
+            train_step(model, opt, sched, counter)
+            ck.step(s)
+    shutil.rmtree(tmp_path / "tier")
+    state = ckptd.load(uri)
+    assert state["meta"]["step"] == 3
+    assert torch.equal(state["model"]["0.weight"], model[0].weight)

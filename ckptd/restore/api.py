@@ -6,24 +6,31 @@ from typing import Any
 
 import torch
 
+import tempfile
+
 from ..errors import NoSnapshot
 from ..snapshot.manifest import step_dir
-from ..store import open_store
-from ..store.file import FileStore
-from .choose import newest_good
+from ..store import open_store, retention
+from ..store.tiers import Tiers
 from .load import read_state
 
 
 def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict[str, Any]:
     """State of the newest verified snapshot (or of ``step``) with keys
-    ``model``, ``optimizer``, ``scheduler``, ``extra``, ``rng`` (these two by rank) and ``meta``."""
-    st = open_store(store, create=False)
-    if not isinstance(st, FileStore):
-        raise NoSnapshot(f"{store}: load() reads local stores; copy the snapshot with `ckptd restore` first")
-    manifest = newest_good(st, step)
-    if manifest is None:
-        raise NoSnapshot(f"{st.uri} holds no committed snapshot that verifies")
-    state = read_state(st.path_of(step_dir(manifest.step)), manifest)
+    ``model``, ``optimizer``, ``scheduler``, ``extra``, ``rng`` (these two by rank) and ``meta``.
+
+    A snapshot only in an object store is downloaded (verified) to a temporary directory first."""
+    opened = open_store(store, create=False)
+    with tempfile.TemporaryDirectory(prefix="ckptd-load-") as tmp:
+        tiers = Tiers(opened, local=None if opened.uri.startswith("file://") else tmp, rank=0, world_size=1,
+                      rule=retention.Retention(keep_last=1))
+        try:
+            manifest = tiers.newest_good(step)
+            if manifest is None:
+                raise NoSnapshot(f"{opened.uri} holds no committed snapshot that verifies")
+            state = read_state(tiers.local.path_of(step_dir(manifest.step)), manifest)
+        finally:
+            tiers.close()
     if str(map_location) != "cpu":
         state = _to(state, map_location)
     state["meta"] = {

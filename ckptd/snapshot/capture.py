@@ -56,10 +56,7 @@ class TrainingState:
     def __init__(self, *, model: Any, optimizer: Any = None, scheduler: Any = None, extra: Any = None) -> None:
         if model is None:
             raise ConfigError("model is required: pass the module (or a dict of modules) to snapshot")
-        if model is not None and not isinstance(model, Mapping):
-            model = _unwrap(model)
-        elif isinstance(model, Mapping):
-            model = {k: _unwrap(v) for k, v in model.items()}
+        model = {k: _unwrap(v) for k, v in model.items()} if isinstance(model, Mapping) else _unwrap(model)
         self._single: dict[str, bool] = {}
         self._objs: dict[str, dict[str, Any]] = {}
         for role, obj in zip(_ROLES, (model, optimizer, scheduler)):

@@ -49,7 +49,8 @@ class Tiers:
             return
         self.local = FileStore(local or default_local_dir(store.uri))
         self.remote = store
-        self._promoter = Promoter(self.local, store, rank=rank, world_size=world_size, config=promote)
+        self._promote_args = dict(rank=rank, world_size=world_size, config=promote)
+        self._promoter: Promoter | None = None
 
     @property
     def backlog(self) -> list[int]:
@@ -57,10 +58,12 @@ class Tiers:
 
     def committed(self, manifest: Manifest) -> Future:
         """A snapshot was committed locally; the future completes when it is durable."""
-        if self._promoter is None:
+        if self.remote is None:
             done: Future = Future()
             done.set_result(manifest.step)
             return done
+        if self._promoter is None:  # started on first use: readers never need the thread
+            self._promoter = Promoter(self.local, self.remote, **self._promote_args)
         return self._promoter.submit(manifest, manifest.to_json())
 
     def retain_local(self, step: int) -> None:
