@@ -245,7 +245,8 @@ class Checkpointer:
         """What the policy sees now."""
         now = time.monotonic() if now is None else now
         in_flight = sum(1 for h in self._inflight if not h.durable.done())
-        return self.measure.context(step, now, in_flight=in_flight, gpus=self.config.gpus or self._ranks.world_size)
+        return self.measure.context(step, now, in_flight=in_flight, gpus=self.config.gpus or self._ranks.world_size,
+                                    nbytes=self._pool.nbytes or None)
 
     def _wants_snapshot(self, step: int, now: float) -> bool:
         if self._ranks.rank != 0:

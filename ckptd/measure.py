@@ -53,7 +53,7 @@ class Measurements:
                 "persist_s": _median(self._persists),
             }
 
-    def context(self, step: int, now: float, *, in_flight: int, gpus: int) -> PolicyContext:
+    def context(self, step: int, now: float, *, in_flight: int, gpus: int, nbytes: int | None = None) -> PolicyContext:
         last = self.last_snapshot
         s = self.summary()
         return PolicyContext(
@@ -66,4 +66,5 @@ class Measurements:
             persist=s["persist_s"],
             in_flight=in_flight,
             gpus=gpus,
+            nbytes=nbytes,
         )

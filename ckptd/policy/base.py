@@ -31,6 +31,8 @@ class PolicyContext:
     """Snapshots taken but not yet durable."""
     gpus: int = 1
     """GPUs the job uses (failure rate scales with it)."""
+    nbytes: int | None = None
+    """Bytes of one snapshot, for its storage and request cost."""
 
 
 @runtime_checkable

@@ -1,0 +1,168 @@
+"""Policy maths and the adaptive policy: properties, the exact optimum, simulation, the hook."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import time
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ckptd
+from ckptd.errors import ConfigError
+from ckptd.policy import (PolicyContext, RiskAwarePolicy, daly_interval, expected_waste, parse_policy,
+                          young_interval)
+from ckptd.policy.simulate import Scenario, simulate
+
+PROPS = settings(max_examples=150, deadline=None)
+
+
+def exact_optimum(cost: float, mtbf: float) -> float:
+    """Minimiser of Daly's exponential waste model, by golden-section search on a log scale."""
+    f = lambda log_tau: math.expm1((math.exp(log_tau) + cost) / mtbf) / math.exp(log_tau)  # noqa: E731
+    a, b = math.log(mtbf) - 30, math.log(mtbf) + 2
+    g = (math.sqrt(5) - 1) / 2
+    for _ in range(200):
+        c, d = b - g * (b - a), a + g * (b - a)
+        if f(c) < f(d):
+            b = d
+        else:
+            a = c
+    return math.exp((a + b) / 2)
+
+
+def ctx(**kw) -> PolicyContext:
+    base = dict(step=100, now=1000.0, steps_since=10, seconds_since=10.0, step_time=1.0, stall=20.0,
+                persist=90.0, in_flight=0, gpus=1024, nbytes=10**10)
+    return PolicyContext(**{**base, **kw})
+
+
+@PROPS
+@given(st.floats(1e-6, 0.1))
+def test_daly_interval_is_within_a_tenth_of_a_percent_of_the_exact_optimum(ratio):
+    mtbf = 3600.0
+    cost = ratio * mtbf
+    assert daly_interval(cost, mtbf) == pytest.approx(exact_optimum(cost, mtbf), rel=1e-3)
+
+
+@PROPS
+@given(st.floats(1e-6, 1.5))
+def test_daly_waste_is_within_a_tenth_of_a_percent_of_the_optimal_waste(ratio):
+    mtbf, cost = 3600.0, ratio * 3600.0
+    best = expected_waste(exact_optimum(cost, mtbf), cost, mtbf)
+    assert expected_waste(daly_interval(cost, mtbf), cost, mtbf) <= best * 1.001 + 1e-12
+
+
+def test_daly_branch_for_large_cost_and_young():
+    assert daly_interval(10.0, 4.0) == 4.0
+    assert young_interval(2.0, 100.0) == pytest.approx(20.0)
+    with pytest.raises(ConfigError):
+        daly_interval(-1.0, 10.0)
+
+
+@PROPS
+@given(st.floats(1.0, 100.0), st.floats(1.0, 50.0), st.integers(1, 16384), st.integers(1, 16))
+def test_interval_shrinks_with_risk_and_gpus_and_grows_with_cost(stall, risk, gpus, more):
+    def interval(**kw):
+        p = RiskAwarePolicy(stall_budget=None, max_interval=1e9)
+        if kw.pop("risk", 1.0) > 1.0:
+            p.raise_risk(risk, reason="test", now=1000.0)
+        return p.decide(ctx(**{"persist": 0.0, "stall": stall, "gpus": gpus, **kw}))["interval"]
+
+    base = interval()
+    assert interval(risk=risk) <= base
+    assert interval(gpus=gpus * more) <= base
+    assert interval(stall=stall * 2) >= base
+
+
+@PROPS
+@given(st.floats(0.0, 500.0), st.floats(0.0, 3600.0), st.floats(1.0, 1000.0), st.integers(1, 100000))
+def test_bounds_always_hold(stall, persist, risk, gpus):
+    p = RiskAwarePolicy(max_interval=7200.0)
+    if risk > 1:
+        p.raise_risk(risk, reason="test", now=1000.0)
+    d = p.decide(ctx(stall=stall, persist=persist, gpus=gpus))
+    assert d["interval"] <= 7200.0
+    assert d["interval"] >= min(persist, 7200.0)
+    if stall:
+        assert d["interval"] >= min(stall / 0.02 / d["risk"], 7200.0) - 1e-9
+
+
+def test_risk_decays_and_a_failure_moves_the_rate():
+    p = RiskAwarePolicy()
+    p.raise_risk(16.0, reason="ecc", now=0.0)
+    assert p.rate.multiplier(0.0) == pytest.approx(16.0)
+    assert p.rate.multiplier(600.0) == pytest.approx(8.5)
+    p.raise_risk(16.0, reason="ecc", now=600.0)  # the same source again refreshes, not compounds
+    assert p.rate.multiplier(600.0) == pytest.approx(16.0)
+    before = p.rate.per_gpu_posterior()
+    p.record_failure()
+    assert p.rate.per_gpu_posterior() == pytest.approx(before * 6 / 5)
+
+
+def test_request_now_and_explain():
+    p = RiskAwarePolicy()
+    assert p.should_snapshot(ctx=ctx(steps_since=None))  # first snapshot measures the cost
+    assert not p.should_snapshot(ctx=ctx(seconds_since=5.0))
+    e = p.explain()
+    assert e["bound"] in ("daly", "persist", "stall budget", "max interval") and e["interval"] > 5
+    p.request_now("SIGTERM")
+    assert p.should_snapshot(ctx=ctx(seconds_since=5.0))
+    assert p.explain()["reason"] == "SIGTERM"
+
+
+def test_simulation_is_reproducible_for_a_seed():
+    sc = Scenario(gpus=4096, hours=48, kind="weibull")
+    a, b = simulate(sc, seeds=3), simulate(sc, seeds=3)
+    assert [r.waste for r in a] == [r.waste for r in b]
+    trace = Scenario(gpus=1, hours=10, kind="trace", trace_hours=(1.0, 2.5, 7.0))
+    rows = simulate(trace, seeds=2)
+    assert all(r.restart > 0 for r in rows)
+
+
+def test_parse_policy_specs():
+    assert parse_policy("every:50").n == 50
+    assert parse_policy("every:10m").seconds == 600
+    with pytest.raises(ConfigError):
+        parse_policy("every:1.5")
+
+
+def test_checkpointer_default_policy_snapshots_sooner_after_a_risk_raise(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ck = ckptd.Checkpointer(str(tmp_path), model=model, optimizer=opt, gpus=8)
+    assert isinstance(ck.policy, RiskAwarePolicy)
+
+    def run(steps: int, pause: float = 0.0) -> list[bool]:
+        out = []
+        for s in range(steps):
+            model(torch.randn(4, 8)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            out.append(ck.step(s))
+            ck.wait()
+            time.sleep(pause)
+        return out
+
+    assert run(1) == [True]  # the first snapshot measures the cost
+    assert not any(run(20, pause=0.01))  # calm: 8 GPUs, the interval is minutes
+    calm = ck.policy.explain()["interval"]
+    assert calm > 60  # minutes, even with a millisecond stall
+    ck.policy.raise_risk(1e6, reason="XID 63 on GPU 0")
+    t0 = time.monotonic()
+    took = run(200, pause=0.01)
+    assert True in took, "a risk raise must bring the next snapshot within seconds"
+    assert time.monotonic() - t0 < 10
+    assert ck.policy.explain()["interval"] < calm / 100
+    ck.close()
+
+
+def test_policy_cli_prints_interval_and_sources():
+    out = subprocess.run([sys.executable, "-m", "ckptd.cli", "policy", "--gpus", "1024", "--stall", "20s",
+                          "--persist", "90s"], capture_output=True, text=True, check=True).stdout
+    assert "interval" in out and "Llama 3" in out and "expected waste" in out
