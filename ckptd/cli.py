@@ -15,6 +15,265 @@ def main() -> None:
     """ckptd: asynchronous training snapshots, object storage and restore."""
 
 
+# -- shared -------------------------------------------------------------------
+
+
+def _user_errors(fn):
+    """Turn ckptd's errors into one line and a non-zero exit, never a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .errors import CkptdError
+
+        try:
+            return fn(*args, **kwargs)
+        except CkptdError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
+
+    return wrapper
+
+
+def _open(uri: str):
+    from .store import open_store
+
+    return open_store(uri, create=False)
+
+
+def _json(obj) -> None:
+    import json
+
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _table(title: str, columns: list[str]):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right" if col in ("step", "size", "bytes", "change") else "left")
+    return table
+
+
+def _print(table) -> None:
+    from rich.console import Console
+
+    Console(width=160).print(table)
+
+
+# -- ls, inspect, verify --------------------------------------------------------
+
+
+@main.command("ls")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list for scripts.")
+@_user_errors
+def ls_cmd(store: str, as_json: bool) -> None:
+    """List the snapshots in STORE: step, created, size, tiers, state."""
+    from .restore.find import list_snapshots
+
+    infos = list_snapshots(_open(store))
+    if as_json:
+        _json([{"step": i.step, "created": i.created.isoformat(), "nbytes": i.nbytes, "committed": i.committed,
+                "state": "committed" if i.committed else "incomplete", "tiers": list(i.tiers),
+                "world_size": i.world_size, "uri": i.uri} for i in infos])
+        return
+    table = _table(f"{store}: {sum(i.committed for i in infos)} committed", ["step", "created", "size", "tiers",
+                                                                             "state", "ranks"])
+    for i in infos:
+        table.add_row(str(i.step), i.created.strftime("%Y-%m-%d %H:%M:%S"), _size(i.nbytes), ",".join(i.tiers),
+                      "committed" if i.committed else "[yellow]incomplete[/]", str(i.world_size or "-"))
+    _print(table)
+
+
+@main.command("inspect")
+@click.argument("store")
+@click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
+    """Metadata and tensor tree of a snapshot, from its manifest only (no tensor data, no unpickling)."""
+    from .tools import torchsnapshot_format as tsf
+    from .tools.describe import describe
+
+    info = tsf.describe(store) if "://" not in store and tsf.is_torchsnapshot(store) else describe(_open(store), step)
+    if as_json:
+        _json(info)
+        return
+    head = [f"{k}: {info.get(k)}" for k in ("step", "created", "world_size", "host", "format") if info.get(k)]
+    click.echo("\n".join(head + [f"size: {_size(info['nbytes'])}", f"metrics: {info.get('metrics', {})}",
+                                 f"rng streams: {', '.join(info['rng']) or 'none'}"]))
+    for group in dict.fromkeys(t["group"] for t in info["tensors"]):
+        rows = [t for t in info["tensors"] if t["group"] == group]
+        table = _table(f"{group}: {len(rows)} tensors, {_size(sum(t['nbytes'] for t in rows))}",
+                       ["name", "shape", "dtype", "bytes"])
+        for t in rows:
+            table.add_row(t["name"], str(tuple(t["shape"])), t["dtype"], _size(t["nbytes"]))
+        _print(table)
+
+
+@main.command("verify")
+@click.argument("store")
+@click.option("--step", type=int, default=None)
+@click.option("--all", "all_", is_flag=True, help="Every committed snapshot.")
+@_user_errors
+def verify_cmd(store: str, step: int | None, all_: bool) -> None:
+    """Recompute checksums; exit 1 listing the bad files if any snapshot does not verify."""
+    from .restore.find import list_snapshots
+    from .tools.describe import newest_committed
+    from .tools.verify import verify_snapshot
+
+    st = _open(store)
+    steps = [i.step for i in list_snapshots(st) if i.committed] if all_ else [
+        newest_committed(st) if step is None else step]
+    bad = 0
+    for s in steps:
+        problems = verify_snapshot(st, s)
+        bad += bool(problems)
+        click.echo(f"step {s}: " + ("ok" if not problems else "CORRUPT"))
+        for p in problems:
+            click.echo(f"  {p}")
+    if bad:
+        raise SystemExit(1)
+
+
+# -- restore, export, convert ---------------------------------------------------
+
+
+def _progress(total: int, label: str):
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   transient=False)
+    task = bar.add_task(label, total=total)
+    return bar, (lambda n: bar.advance(task, n))
+
+
+@main.command("restore")
+@click.argument("store")
+@click.option("--step", type=int, default=None)
+@click.option("--to", "dest", required=True, help="Local directory to write step-<N>/ into.")
+@_user_errors
+def restore_cmd(store: str, step: int | None, dest: str) -> None:
+    """Materialise a snapshot (e.g. from S3) as a local snapshot directory that dcp.load reads."""
+    from .restore.find import read_manifest
+    from .store.file import FileStore
+    from .store.transfer import download_snapshot
+    from .tools import torchsnapshot_format as tsf
+    from .tools.describe import newest_committed
+
+    if "://" not in store and tsf.is_torchsnapshot(store):
+        from .tools.convert import convert
+
+        m = convert(store, dest, step=step or 0)
+        click.echo(f"converted torchsnapshot {store} into {dest}/step-{m.step:012d}")
+        return
+    src = _open(store)
+    step = newest_committed(src) if step is None else step
+    bar, advance = _progress(read_manifest(src, step).nbytes, f"step {step}")
+    with bar:
+        m = download_snapshot(src, step, FileStore(dest), progress=advance)
+    click.echo(f"restored step {m.step} to {FileStore(dest).path_of(f'step-{m.step:012d}')} (verified)")
+
+
+@main.command("export")
+@click.argument("store")
+@click.option("--step", type=int, default=None)
+@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default="torch", show_default=True)
+@click.option("-o", "--output", required=True)
+@click.option("--only", type=click.Choice(["model", "optimizer", "scheduler", "extra"]), default=None)
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@_user_errors
+def export_cmd(store, step, fmt, output, only, force) -> None:
+    """A consolidated single file; torch.load(FILE, weights_only=True) reads the torch one."""
+    from .tools.export import export
+
+    r = export(store, output, fmt=fmt, step=step, only=only, force=force)
+    note = f", {r['skipped_values']} non-tensor values left out (safetensors holds tensors only)" \
+        if r["skipped_values"] else ""
+    click.echo(f"wrote {r['path']}: {r['tensors']} tensors, {_size(r['bytes'])}{note}")
+
+
+@main.command("convert")
+@click.argument("source")
+@click.argument("store")
+@click.option("--step", type=int, default=0, show_default=True, help="Step to record the snapshot under.")
+@_user_errors
+def convert_cmd(source: str, store: str, step: int) -> None:
+    """Turn a torchsnapshot snapshot at SOURCE into a ckptd snapshot in STORE."""
+    from .tools.convert import convert
+
+    m = convert(source, store, step=step)
+    click.echo(f"converted {source} into {store} as step {m.step} ({_size(m.nbytes)})")
+
+
+# -- gc, diff, plot -------------------------------------------------------------
+
+
+@main.command("gc")
+@click.argument("store")
+@click.option("--keep-last", type=click.IntRange(min=1), required=True)
+@click.option("--keep-every", type=click.IntRange(min=1), default=None, help="Also keep steps divisible by K.")
+@click.option("--grace", default="1h", show_default=True, help="Age before an incomplete snapshot is garbage.")
+@click.option("--dry-run", is_flag=True)
+@_user_errors
+def gc_cmd(store: str, keep_last: int, keep_every: int | None, grace: str, dry_run: bool) -> None:
+    """Retention by hand; never the newest committed snapshot nor one still being written."""
+    from .store import retention
+
+    st = _open(store)
+    rule = retention.Retention(keep_last=keep_last, keep_every=keep_every, grace=_seconds(grace))
+    plan = retention.plan(st, rule) if dry_run else retention.apply(st, rule)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} committed steps {plan.committed or 'none'}; incomplete {plan.incomplete or 'none'}")
+    abort = getattr(st, "abort_stale_uploads", None)
+    if abort is not None and not dry_run:
+        click.echo(f"aborted {abort(rule.grace)} stale multipart uploads")
+
+
+@main.command("diff")
+@click.argument("store")
+@click.argument("a", type=int)
+@click.argument("b", type=int)
+@click.option("--top", type=int, default=20, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def diff_cmd(store: str, a: int, b: int, top: int, as_json: bool) -> None:
+    """Per-tensor relative change between snapshots A and B, largest first."""
+    from .tools.diff import diff
+
+    rows = diff(store, a, b)
+    if as_json:
+        _json(rows)
+        return
+    table = _table(f"{store}: step {a} → {b}, {len(rows)} tensors", ["name", "shape", "change"])
+    for r in rows[:top]:
+        table.add_row(r["name"], str(tuple(r["shape"])), "only in one" if r["change"] is None else f"{r['change']:.3e}")
+    _print(table)
+
+
+@main.command("plot")
+@click.argument("store")
+@click.option("-o", "--output", required=True, help="PNG file to write.")
+@_user_errors
+def plot_cmd(store: str, output: str) -> None:
+    """A timeline of snapshots: stall and write time, interval against risk, restarts."""
+    from .tools.timeline import plot
+
+    n = plot(_open(store), output)
+    click.echo(f"wrote {output} ({n} snapshots)")
+
+
 # -- run (supervisor) -------------------------------------------------------
 
 

@@ -298,7 +298,8 @@ class Checkpointer:
         self._pool_free.clear()
         handle.staged = self._stager.copy(later_pairs, wait=False)
         self._pending_stage = handle.staged
-        meta = {"attach": self._attach_mode, "pool_bytes": self._pool.nbytes}
+        meta = {"attach": self._attach_mode, "pool_bytes": self._pool.nbytes, "pid": os.getpid(),
+                "policy": _policy_note(self.policy)}
         handle.stall = time.perf_counter() - t0
         with self._lock:
             self._inflight.append(handle)
@@ -403,6 +404,13 @@ def attach(model: Any, optimizer: torch.optim.Optimizer, *, store: str | None = 
     ckpt = Checkpointer(store, model=model, optimizer=optimizer, **kw)
     ckpt._drive_from_optimizer(optimizer)
     return ckpt
+
+
+def _policy_note(policy: Any) -> dict[str, Any]:
+    """The policy's last interval and risk, for the snapshot timeline (plain JSON values only)."""
+    explain = getattr(policy, "explain", None)
+    note = explain() if callable(explain) else {}
+    return {k: note[k] for k in ("interval", "risk", "bound", "reason") if isinstance(note.get(k), (int, float, str))}
 
 
 def _make_ranks() -> tuple[Ranks, Any]:

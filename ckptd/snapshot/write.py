@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -160,11 +161,13 @@ def write_snapshot(
     store: FileStore, step: int, leaves: Sequence[Leaf], ranks: Ranks, *, metrics: dict, meta: dict
 ) -> Manifest:
     """Write, checksum and commit one snapshot into a local store; all ranks call it."""
+    t0 = time.monotonic()
     key = prepare_dir(store, step, ranks)
     directory = store.path_of(key)
     try:
         items = write_dcp(directory, leaves, ranks)
         files = checksum_files(directory, ranks)
+        meta = {**meta, "write_s": time.monotonic() - t0}
         manifest = build_manifest(step, files, items, ranks, metrics=metrics, meta=meta)
         log.debug("ckptd: step %d: files written, committing", step)
         commit(store, key, manifest, ranks)

@@ -61,7 +61,7 @@ def plan(store: Store, rule: Retention, *, protect: frozenset[int] = frozenset()
         newest = max((o.mtime for o in objs), default=0.0)
         if now - newest >= rule.grace:
             stale.append(s)
-    return Plan(old_committed, stale)
+    return Plan(sorted(old_committed), sorted(stale))
 
 
 def delete_snapshot(store: Store, step: int) -> None:

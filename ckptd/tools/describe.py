@@ -1,0 +1,40 @@
+"""Describe a snapshot from its manifest alone: no tensor data, no unpickling, no torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..restore.find import read_manifest, snapshot_steps
+from ..errors import NoSnapshot
+from ..store.base import Store
+
+
+def newest_committed(store: Store) -> int:
+    """The newest step whose manifest is there; NoSnapshot naming the store otherwise."""
+    for step in snapshot_steps(store):
+        if store.exists(f"step-{step:012d}/ckptd.json"):
+            return step
+    raise NoSnapshot(f"{store.uri} holds no committed snapshot; `ckptd ls {store.uri}` shows what is there")
+
+
+def describe(store: Store, step: int | None = None) -> dict[str, Any]:
+    """Metadata, RNG streams and the tensor tree grouped by model / optimizer / scheduler / extra."""
+    step = newest_committed(store) if step is None else step
+    m = read_manifest(store, step)
+    tensors: dict[str, dict[str, Any]] = {}
+    rng: set[str] = set()
+    for item in m.items:
+        top = item.path[0][1]
+        if top == "rng":
+            rng.add(".".join(str(k) for _, k in item.path[2:3]))
+            continue
+        if item.kind != "tensor" or item.fqn in tensors:
+            continue
+        tensors[item.fqn] = {"name": item.fqn, "group": top, "shape": list(item.shape), "dtype": item.dtype,
+                             "nbytes": item.nbytes}
+    return {
+        "step": m.step, "created": m.created, "world_size": m.world_size, "host": m.host, "format": m.format,
+        "checksum": m.checksum, "nbytes": m.nbytes, "metrics": m.metrics, "meta": m.meta,
+        "files": [{"name": f.name, "size": f.size, "rank": f.rank} for f in m.files],
+        "rng": sorted(rng), "tensors": list(tensors.values()),
+    }
