@@ -59,7 +59,11 @@ def plot(store: Store, out: str) -> int:
         top.legend(fontsize=8)
     bottom.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"{store.uri}: {len(rows)} snapshots, steps {rows[0]['step']}–{rows[-1]['step']}")
-    fig.autofmt_xdate()
+    import matplotlib.dates as mdates
+
+    locator = mdates.AutoDateLocator()
+    bottom.xaxis.set_major_locator(locator)
+    bottom.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
