@@ -274,6 +274,93 @@ def plot_cmd(store: str, output: str) -> None:
     click.echo(f"wrote {output} ({n} snapshots)")
 
 
+# -- daemon, status, health -----------------------------------------------------
+
+
+@main.command("daemon")
+@click.option("--store", envvar="CKPTD_STORE", default=None, help="Object store for uploads (CKPTD_STORE).")
+@click.option("--socket", "socket_path", envvar="CKPTD_SOCKET", default=None,
+              help="Unix socket (CKPTD_SOCKET; default $XDG_RUNTIME_DIR/ckptd.sock or /tmp/ckptd-UID/daemon.sock).")
+@click.option("--metrics-port", type=int, envvar="CKPTD_METRICS_PORT", default=None,
+              help="Prometheus text on 127.0.0.1:PORT (CKPTD_METRICS_PORT).")
+@click.option("--poll", type=float, envvar="CKPTD_POLL", default=0.5, show_default=True)
+@click.option("--hang-factor", type=float, envvar="CKPTD_HANG_FACTOR", default=10.0, show_default=True)
+@click.option("--hang-floor", type=float, envvar="CKPTD_HANG_FLOOR", default=60.0, show_default=True)
+@click.option("--grace", type=float, envvar="CKPTD_GRACE", default=30.0, show_default=True)
+@_user_errors
+def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace) -> None:
+    """The node sidecar: GPU and host health, hang detection, uploads that outlive the trainer."""
+    import logging
+
+    from .daemon.server import default_socket
+    from .daemon.service import Daemon, DaemonConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = DaemonConfig(socket=socket_path or default_socket(), store=store, metrics_port=metrics_port, poll=poll,
+                       hang_factor=hang_factor, hang_floor=hang_floor, grace=grace)
+    Daemon(cfg).run()
+
+
+@main.command("status")
+@click.option("--socket", "socket_path", envvar="CKPTD_SOCKET", default=None)
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def status_cmd(socket_path: str | None, as_json: bool) -> None:
+    """Jobs, GPUs and their health, risk and upload backlog, from the node's daemon."""
+    from .daemon.client import status_of
+
+    try:
+        st = status_of(socket_path)
+    except OSError as e:
+        raise click.ClickException(str(e)) from None
+    if as_json:
+        _json(st)
+        return
+    click.echo(f"daemon pid {st['pid']} on {st['socket']}, up {st['uptime_s']:.0f} s; NVML: {st['nvml']}; "
+               f"upload backlog: {st['backlog']}")
+    table = _table("jobs", ["pid", "rank", "step", "step time s", "last snapshot", "devices", "state"])
+    for j in st["jobs"]:
+        table.add_row(str(j["pid"]), str(j["rank"]), str(j["step"]),
+                      "-" if j["step_time_s"] is None else f"{j['step_time_s']:.3f}", str(j["last_snapshot"]),
+                      ",".join(map(str, j["devices"])) or "all", j["stopping"] or "running")
+    _print(table)
+    _print_gpus(st["gpus"], st["bad_gpus"])
+
+
+def _print_gpus(gpus: list, bad: dict) -> None:
+    table = _table("GPUs", ["gpu", "state", "reasons"])
+    for g in gpus:
+        table.add_row(str(g["index"]), g["state"] + (" (marked bad)" if str(g["index"]) in map(str, bad) else ""),
+                      "; ".join(g["reasons"]) or "-")
+    _print(table)
+
+
+@main.command("health")
+@click.option("--json", "as_json", is_flag=True)
+@_user_errors
+def health_cmd(as_json: bool) -> None:
+    """A one-shot readout of every GPU signal and of the host ("no NVML: <reason>" without a driver)."""
+    from dataclasses import asdict
+    import tempfile
+
+    from .daemon.host import host_report
+    from .daemon.nvml import NvmlHealthSource
+
+    nvml = NvmlHealthSource()
+    gpus = [asdict(g) for g in nvml.poll()]
+    host = asdict(host_report([tempfile.gettempdir()]))
+    nvml.close()
+    if as_json:
+        _json({"nvml": nvml.unavailable or "ok", "gpus": gpus, "host": host})
+        return
+    click.echo(f"no NVML: {nvml.unavailable}" if nvml.unavailable else f"NVML: {len(gpus)} GPUs")
+    if gpus:
+        _print_gpus(gpus, {})
+    click.echo(f"host: memory {host['memory_used'] * 100:.0f}% used"
+               f"{' (PRESSURE)' if host['memory_pressure'] else ''}; "
+               + ", ".join(f"{p} {free * 100:.0f}% free" for p, free in host["disks"].items()))
+
+
 # -- run (supervisor) -------------------------------------------------------
 
 
@@ -289,8 +376,9 @@ def _fmt_s(value: float | None) -> str:
               help="Seconds from SIGTERM to SIGKILL.")
 @click.option("--gpus", default=None, envvar="CKPTD_GPUS", help="CUDA devices, e.g. 0,1,2,3.")
 @click.option("--socket", default=None, envvar="CKPTD_SOCKET", help="Daemon socket handed to the job.")
+@click.option("--no-daemon", is_flag=True, help="Do not start a node daemon (uploads run in the trainer).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run_cmd(store, max_restarts, backoff, grace, gpus, socket, command) -> None:
+def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, command) -> None:
     """Run COMMAND, relaunching it from its newest snapshot until it succeeds.
 
     Exit codes: 0 done, 75 preempted (resumable), otherwise the job's own
@@ -308,7 +396,8 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, command) -> None:
         raise click.ClickException(f"--gpus {gpus!r}: give device numbers like 0,1,2,3") from None
     try:
         cfg = RunConfig(store=store, command=tuple(command), max_restarts=max_restarts, backoff=backoff,
-                        backoff_max=max(60.0, backoff), grace=grace, gpus=gpu_list, socket=socket)
+                        backoff_max=max(60.0, backoff), grace=grace, gpus=gpu_list, socket=socket,
+                        daemon=not no_daemon)
         summary = Supervisor(cfg).run()
     except CkptdError as e:
         raise click.ClickException(str(e)) from None

@@ -88,8 +88,9 @@ class Checkpointer:
             keep_last=self.config.keep_last, keep_every=self.config.keep_every, grace=self.config.incomplete_grace
         )
         self._ranks, self._decide_group = _make_ranks()
+        self._link = _connect_daemon(store, self._ranks.rank)
         self.tiers = Tiers(open_store(store), local=self.config.local, rank=self._ranks.rank,
-                           world_size=self._ranks.world_size, rule=rule)
+                           world_size=self._ranks.world_size, rule=rule, external=self._link is not None)
         self.store: FileStore = self.tiers.local
         self.measure = Measurements()
         self._pool = HostPool(pin=torch.cuda.is_available(), budget=self.config.staging_budget,
@@ -118,6 +119,7 @@ class Checkpointer:
         now = time.monotonic()
         self.measure.step_done(now)
         self._progress.step(step)
+        self._talk_to_daemon(step)
         self._report_failures()
         if self._preempt is not None and self._preempt.requested:
             self._exit_preempted(step, metrics)
@@ -144,7 +146,14 @@ class Checkpointer:
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait for every snapshot in flight to be durable; re-raise a failure with its step."""
-        _, pending = wait_futures([h.durable for h in list(self._inflight)], timeout=timeout)
+        futures = [h.durable for h in list(self._inflight)]
+        if self._link is not None:  # the daemon uploads; ask it until it reports them durable
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not all(f.done() for f in futures) and (deadline is None or time.monotonic() < deadline):
+                wait_futures([h.staged for h in self._inflight])
+                self._talk_to_daemon(self.measure.last_snapshot[0] if self.measure.last_snapshot else 0, force=True)
+                wait_futures(futures, timeout=0.2)
+        _, pending = wait_futures(futures, timeout=timeout)
         if pending:
             steps = sorted(h.step for h in self._inflight if h.durable in pending)
             raise SnapshotError(f"snapshots of steps {steps} are not durable after {timeout} s "
@@ -168,6 +177,8 @@ class Checkpointer:
             self._stager.close()
             self.tiers.close(wait=timeout is None)
             self._progress.close()
+            if self._link is not None:
+                self._link.close()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -327,6 +338,8 @@ class Checkpointer:
         log.debug("ckptd: step %d: committed", handle.step)
         self.measure.stall(handle.stall)
         durable = self.tiers.committed(manifest)
+        if self._link is not None:
+            self._tell_daemon(handle.step)
         self._retain(self.tiers.retain_local, handle.step)
         durable.add_done_callback(lambda fut: self._durable(handle, manifest, fut))
 
@@ -365,6 +378,34 @@ class Checkpointer:
                 if h.staged is fut:
                     h.stall += waited
         self._pending_stage = None
+
+    # -- the node daemon ------------------------------------------------------
+
+    def _talk_to_daemon(self, step: int, *, force: bool = False) -> None:
+        """Heartbeat; act on the daemon's commands and durability reports. A lost daemon means embedded mode."""
+        if self._link is None:
+            return
+        try:
+            reply = self._link.heartbeat(step, self.measure.summary()["step_time_s"], force=force)
+        except (OSError, ValueError) as e:
+            log.warning("ckptd: lost the daemon (%s); snapshots stay local until a restart", e)
+            self._link = None
+            return
+        if reply is None:
+            return
+        for step_done in reply.durable:
+            self.tiers.mark_durable(step_done)
+        for cmd in reply.commands:
+            if cmd.kind == "snapshot_now":
+                self.request_snapshot(cmd.reason)
+            elif cmd.kind == "raise_risk" and callable(getattr(self.policy, "raise_risk", None)):
+                self.policy.raise_risk(cmd.factor, reason=cmd.reason)
+
+    def _tell_daemon(self, step: int) -> None:
+        try:
+            self._link.committed(step, self.store.path_of(step_dir(step)))
+        except (OSError, ValueError) as e:
+            log.warning("ckptd: could not report step %d to the daemon: %s", step, e)
 
     # -- errors -------------------------------------------------------------
 
@@ -411,6 +452,24 @@ def _policy_note(policy: Any) -> dict[str, Any]:
     explain = getattr(policy, "explain", None)
     note = explain() if callable(explain) else {}
     return {k: note[k] for k in ("interval", "risk", "bound", "reason") if isinstance(note.get(k), (int, float, str))}
+
+
+def _connect_daemon(store: str, rank: int):
+    """The node daemon's link when $CKPTD_SOCKET is set or the default socket exists, else None."""
+    from .daemon.client import DaemonLink
+    from .daemon.server import default_socket
+
+    path = default_socket()
+    if not os.environ.get("CKPTD_SOCKET") and not os.path.exists(path):
+        return None
+    devices = (torch.cuda.current_device(),) if torch.cuda.is_available() and torch.cuda.is_initialized() else ()
+    link = DaemonLink.connect(path, rank=rank, devices=devices, store=store)
+    if link is not None and threading.current_thread() is threading.main_thread():
+        import faulthandler
+        import signal
+
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # the daemon's hang report
+    return link
 
 
 def _make_ranks() -> tuple[Ranks, Any]:

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -47,7 +48,9 @@ class RunConfig:
     gpus: tuple[int, ...] | None = None
     """CUDA devices the job may use; None leaves CUDA_VISIBLE_DEVICES alone."""
     socket: str | None = None
-    """The node daemon's socket, handed to the job as CKPTD_SOCKET."""
+    """The node daemon's socket, handed to the job as CKPTD_SOCKET; None: the default path."""
+    daemon: bool = True
+    """Start the node daemon if none listens on ``socket`` (and stop it at the end)."""
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -120,9 +123,14 @@ def with_nproc(command: Sequence[str], nproc: int) -> list[str]:
 class Supervisor:
     """Runs one job until it succeeds, is preempted or runs out of restarts. Not thread-safe."""
 
-    def __init__(self, config: RunConfig, *, bad_gpus: Callable[[], set[int]] = set) -> None:
+    def __init__(self, config: RunConfig, *, bad_gpus: Callable[[], set[int]] | None = None) -> None:
+        from .daemon.server import default_socket
+        from .daemon.service import read_bad_gpus
+
         self.config = config
-        self._bad_gpus = bad_gpus
+        self.socket = config.socket or default_socket()
+        self._bad_gpus = bad_gpus or (lambda: read_bad_gpus(self.socket))
+        self._daemon: subprocess.Popen | None = None
         self._child: subprocess.Popen | None = None
         self._sigterm_at: float | None = None
         self._workdir = tempfile.mkdtemp(prefix="ckptd-run-")
@@ -132,10 +140,13 @@ class Supervisor:
         t0 = time.monotonic()
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
+            if self.config.daemon:
+                self._start_daemon()
             summary = self._loop()
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            self._stop_daemon()
             shutil.rmtree(self._workdir, ignore_errors=True)
         summary.wall_s = time.monotonic() - t0
         return summary
@@ -160,6 +171,28 @@ class Supervisor:
             if self._sleep(delay):
                 return self._finish("preempted", EXIT_PREEMPTED, restarts)
 
+    def _start_daemon(self) -> None:
+        """Join the node daemon at the socket, or start one for this run."""
+        if os.path.exists(self.socket):
+            log.info("ckptd run: using the daemon at %s", self.socket)
+            return
+        cmd = [sys.executable, "-m", "ckptd.cli", "daemon", "--socket", self.socket, "--store", self.config.store,
+               "--grace", str(self.config.grace)]
+        self._daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 15
+        while not os.path.exists(self.socket):
+            if self._daemon.poll() is not None or time.monotonic() > deadline:
+                raise ConfigError(f"the daemon did not start on {self.socket}; run `ckptd daemon` to see why")
+            time.sleep(0.05)
+
+    def _stop_daemon(self) -> None:
+        if self._daemon is not None and self._daemon.poll() is None:
+            self._daemon.send_signal(signal.SIGTERM)  # it finishes its uploads first
+            try:
+                self._daemon.wait(timeout=300)
+            except subprocess.TimeoutExpired:
+                self._daemon.kill()
+
     def _finish(self, outcome: str, code: int, restarts: list[Restart]) -> RunSummary:
         """Account for the restarts while the progress file still exists."""
         self._account(restarts)
@@ -169,8 +202,8 @@ class Supervisor:
         env = dict(os.environ)
         env.update(CKPTD_STORE=self.config.store, CKPTD_GRACE=str(self.config.grace))
         env[PROGRESS_ENV] = self.progress_path
-        if self.config.socket:
-            env["CKPTD_SOCKET"] = self.config.socket
+        if self.config.daemon or self.config.socket:
+            env["CKPTD_SOCKET"] = self.socket
         if self.config.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.healthy_gpus())
         return env

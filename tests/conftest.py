@@ -7,6 +7,21 @@ import pytest
 from _seaweed import SeaweedServer
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_stray_daemon(tmp_path_factory):
+    """Point every hook at a socket of this session, so no daemon outside the test is joined."""
+    import os
+
+    path = str(tmp_path_factory.mktemp("sock") / "none.sock")
+    old = os.environ.get("CKPTD_SOCKET")
+    os.environ["CKPTD_SOCKET"] = path
+    yield path
+    if old is None:
+        os.environ.pop("CKPTD_SOCKET", None)
+    else:
+        os.environ["CKPTD_SOCKET"] = old
+
+
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     """One SeaweedFS server for the session; tests make their own buckets."""

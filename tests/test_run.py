@@ -82,5 +82,5 @@ def test_bad_gpus_leave_cuda_visible_devices(tmp_path):
     cfg = RunConfig(store=str(tmp_path / "s"), gpus=(0, 1, 2), max_restarts=0,
                     command=(sys.executable, "-c",
                              f"import os; open({str(probe)!r}, 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])"))
-    summary = Supervisor(cfg, bad_gpus=lambda: {1}).run()
+    summary = Supervisor(cfg, bad_gpus=lambda: {1}).run()  # CKPTD_SOCKET: the session's own path
     assert summary.exit_code == 0 and probe.read_text() == "0,2"

@@ -39,9 +39,12 @@ class Tiers:
     """The local tier, the optional remote one and the uploader between them. Thread-safe."""
 
     def __init__(self, store: Store, *, local: str | None, rank: int, world_size: int,
-                 rule: retention.Retention, promote: PromoteConfig | None = None) -> None:
+                 rule: retention.Retention, promote: PromoteConfig | None = None, external: bool = False) -> None:
         self.rule = rule
         self.rank = rank
+        self.external = external
+        """True when the node's daemon uploads: durability is then reported through mark_durable()."""
+        self._awaiting: dict[int, Future] = {}
         if isinstance(store, FileStore):
             if local is not None:
                 raise CkptdError(f"local={local!r} applies to object stores; {store.uri} is already local")
@@ -54,7 +57,13 @@ class Tiers:
 
     @property
     def backlog(self) -> list[int]:
-        return self._promoter.backlog if self._promoter else []
+        return sorted(self._awaiting) + (self._promoter.backlog if self._promoter else [])
+
+    def mark_durable(self, step: int) -> None:
+        """The daemon reports ``step`` durable in the object store."""
+        fut = self._awaiting.pop(step, None)
+        if fut is not None:
+            fut.set_result(step)
 
     def committed(self, manifest: Manifest) -> Future:
         """A snapshot was committed locally; the future completes when it is durable."""
@@ -62,6 +71,9 @@ class Tiers:
             done: Future = Future()
             done.set_result(manifest.step)
             return done
+        if self.external:
+            self._awaiting[manifest.step] = Future()
+            return self._awaiting[manifest.step]
         if self._promoter is None:  # started on first use: readers never need the thread
             self._promoter = Promoter(self.local, self.remote, **self._promote_args)
         return self._promoter.submit(manifest, manifest.to_json())

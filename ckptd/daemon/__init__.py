@@ -1,0 +1,1 @@
+"""The sidecar daemon (never imports torch): IPC, GPU and host health, hang detection, uploads."""

@@ -1,0 +1,44 @@
+"""Prometheus text on 127.0.0.1: jobs, steps, snapshots, backlog, GPU health."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+_STATES = {"ok": 0, "app": 1, "degraded": 2, "fatal": 3}
+
+
+class Metrics:
+    """Gauges updated once per daemon tick. Thread-safe (prometheus_client is)."""
+
+    def __init__(self, port: int) -> None:
+        self.registry = CollectorRegistry()
+        g = lambda name, doc, labels=(): Gauge(name, doc, labels, registry=self.registry)  # noqa: E731
+        self.jobs = g("ckptd_jobs", "Registered trainer processes")
+        self.step = g("ckptd_job_step", "Last step a job reported", ["pid", "rank"])
+        self.step_time = g("ckptd_job_step_seconds", "Median step time", ["pid", "rank"])
+        self.last_snapshot = g("ckptd_job_last_snapshot_step", "Newest snapshot a job committed", ["pid", "rank"])
+        self.backlog = g("ckptd_upload_backlog", "Snapshots committed locally, not yet durable")
+        self.gpu_state = g("ckptd_gpu_health", "0 ok, 1 application XID, 2 degraded, 3 fatal", ["gpu"])
+        self.bad = g("ckptd_bad_gpus", "GPUs marked bad")
+        self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
+
+    def update(self, daemon: Any) -> None:
+        status = daemon.status()
+        self.jobs.set(len(status["jobs"]))
+        for j in status["jobs"]:
+            labels = (str(j["pid"]), str(j["rank"]))
+            if j["step"] is not None:
+                self.step.labels(*labels).set(j["step"])
+            if j["step_time_s"] is not None:
+                self.step_time.labels(*labels).set(j["step_time_s"])
+            if j["last_snapshot"] is not None:
+                self.last_snapshot.labels(*labels).set(j["last_snapshot"])
+        self.backlog.set(status["backlog"])
+        for gpu in status["gpus"]:
+            self.gpu_state.labels(str(gpu["index"])).set(_STATES.get(gpu["state"], 0))
+        self.bad.set(len(status["bad_gpus"]))
+
+    def close(self) -> None:
+        self.server.shutdown()

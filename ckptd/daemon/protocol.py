@@ -1,0 +1,161 @@
+"""The one hook ⇄ daemon protocol: versioned JSON messages, 4-byte big-endian length prefix.
+
+Never pickle. Every message is a JSON object with ``v`` (the version) and
+``type``; a reply is ``{"v", "type": "reply", "ok", "error", "commands",
+"durable"}``. Frames larger than MAX_FRAME are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+VERSION = 1
+MAX_FRAME = 1 << 20
+_HEADER = struct.Struct(">I")
+
+
+class ProtocolError(ValueError):
+    """A frame or message that is not valid in this protocol version."""
+
+
+@dataclass(frozen=True)
+class Register:
+    """A trainer process introduces itself; ``devices`` are the CUDA devices it uses (empty: all)."""
+
+    pid: int
+    rank: int = 0
+    devices: tuple[int, ...] = ()
+    store: str = ""
+    type: str = "register"
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Progress: the step just finished and the median step time in seconds."""
+
+    pid: int
+    step: int
+    step_time: float | None = None
+    type: str = "heartbeat"
+
+
+@dataclass(frozen=True)
+class Committed:
+    """A snapshot was committed in the local tier at ``path``; the daemon uploads it."""
+
+    pid: int
+    step: int
+    path: str
+    type: str = "committed"
+
+
+@dataclass(frozen=True)
+class Status:
+    """Ask for the daemon's view (``ckptd status``)."""
+
+    type: str = "status"
+
+
+@dataclass(frozen=True)
+class Command:
+    """Something the daemon asks a hook to do: snapshot_now, raise_risk, dump_stacks or stop."""
+
+    kind: str
+    reason: str = ""
+    factor: float = 1.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    ok: bool = True
+    error: str = ""
+    commands: tuple[Command, ...] = ()
+    durable: tuple[int, ...] = ()
+    status: dict[str, Any] = field(default_factory=dict)
+    type: str = "reply"
+
+
+_TYPES = {c.__dataclass_fields__["type"].default: c for c in (Register, Heartbeat, Committed, Status, Reply)}
+_COMMANDS = ("snapshot_now", "raise_risk", "dump_stacks", "stop")
+
+
+def encode(msg: Any) -> bytes:
+    body = json.dumps({"v": VERSION, **asdict(msg)}, separators=(",", ":"), allow_nan=False).encode()
+    if len(body) > MAX_FRAME:
+        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_FRAME}-byte limit")
+    return _HEADER.pack(len(body)) + body
+
+
+def decode(body: bytes) -> Any:
+    """A message from one frame's body; ProtocolError for anything else."""
+    try:
+        raw = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"not JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError("a message is a JSON object")
+    if raw.get("v") != VERSION:
+        raise ProtocolError(f"protocol version {raw.get('v')!r}; this daemon speaks {VERSION}")
+    cls = _TYPES.get(raw.get("type"))
+    if cls is None:
+        raise ProtocolError(f"unknown message type {raw.get('type')!r}")
+    names = {f.name for f in fields(cls)}
+    args = {k: v for k, v in raw.items() if k in names}
+    try:
+        msg = cls(**args)
+    except TypeError as e:
+        raise ProtocolError(f"{cls.__name__}: {e}") from None
+    _check(msg)
+    return msg
+
+
+def _check(msg: Any) -> None:
+    for f in fields(msg):
+        value = getattr(msg, f.name)
+        if f.name in ("pid", "rank", "step") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ProtocolError(f"{type(msg).__name__}.{f.name} must be an integer >= 0")
+        if f.name in ("store", "path", "error") and not isinstance(value, str):
+            raise ProtocolError(f"{type(msg).__name__}.{f.name} must be a string")
+    if isinstance(msg, Register):
+        if not isinstance(msg.devices, (list, tuple)) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in msg.devices):
+            raise ProtocolError("Register.devices must be a list of device numbers")
+        object.__setattr__(msg, "devices", tuple(msg.devices))
+    if isinstance(msg, Heartbeat) and msg.step_time is not None and not isinstance(msg.step_time, (int, float)):
+        raise ProtocolError("Heartbeat.step_time must be a number")
+    if isinstance(msg, Reply):
+        cmds = tuple(Command(**c) if isinstance(c, dict) else c for c in msg.commands)
+        if not all(isinstance(c, Command) and c.kind in _COMMANDS for c in cmds):
+            raise ProtocolError("Reply.commands holds an unknown command")
+        object.__setattr__(msg, "commands", cmds)
+        object.__setattr__(msg, "durable", tuple(msg.durable))
+
+
+def read_frame(sock: socket.socket) -> bytes | None:
+    """One frame's body, None at a clean end of stream; ProtocolError for a bad length."""
+    header = _recv_exact(sock, _HEADER.size)
+    if header is None:
+        return None
+    (length,) = _HEADER.unpack(header)
+    if length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes is over the {MAX_FRAME}-byte limit")
+    body = _recv_exact(sock, length)
+    if body is None:
+        raise ProtocolError("connection closed inside a frame")
+    return body
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            if buf:
+                raise ProtocolError("connection closed inside a frame")
+            return None
+        buf += chunk
+    return bytes(buf)

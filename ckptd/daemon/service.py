@@ -1,0 +1,287 @@
+"""The daemon: jobs that registered, GPU and host health, hang detection, uploads.
+
+Reactions follow DESIGN.md: a fatal GPU fault marks the GPU bad (in the
+state file ``ckptd run`` reads) and stops the jobs using it with SIGTERM
+(their hook takes an emergency snapshot) then SIGKILL after the grace
+period; a degraded GPU raises those jobs' risk and asks for a snapshot
+now; a job without progress for k × its median step time gets SIGUSR1
+(the hook dumps all thread stacks) and is stopped the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import statistics
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..errors import CkptdError
+from .host import alive, host_report
+from .nvml import GpuReport, NvmlHealthSource
+from .protocol import Command, Committed, Heartbeat, Register, Reply, Status
+from .server import SocketServer
+
+log = logging.getLogger("ckptd.daemon")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaemonConfig:
+    """Options of ``ckptd daemon`` (each also from a CKPTD_* variable)."""
+
+    socket: str
+    """Unix socket path (mode 0600)."""
+    store: str | None = None
+    """Default object store for uploads when a job names none."""
+    metrics_port: int | None = None
+    """Prometheus text on 127.0.0.1:PORT; None: off."""
+    poll: float = 0.5
+    """Seconds between health polls."""
+    hang_factor: float = 10.0
+    """A job hangs after this many median step times without progress..."""
+    hang_floor: float = 60.0
+    """...but never sooner than this many seconds."""
+    grace: float = 30.0
+    """Seconds from SIGTERM to SIGKILL when stopping a job."""
+    degraded_risk: float = 20.0
+    """Risk factor sent to the jobs of a degraded GPU."""
+
+    @property
+    def state_file(self) -> str:
+        return self.socket + ".state.json"
+
+
+@dataclass
+class Job:
+    """One registered trainer process."""
+
+    pid: int
+    rank: int
+    devices: tuple[int, ...]
+    store: str
+    registered: float = field(default_factory=time.monotonic)
+    last_beat: float = field(default_factory=time.monotonic)
+    step: int | None = None
+    step_times: deque = field(default_factory=lambda: deque(maxlen=32))
+    commands: list[Command] = field(default_factory=list)
+    durable: set[int] = field(default_factory=set)
+    last_snapshot: int | None = None
+    stopping: float | None = None
+    stop_reason: str = ""
+
+    def uses(self, gpu: int) -> bool:
+        return not self.devices or gpu in self.devices
+
+
+class Daemon:
+    """Owns the socket server, the health loop and the uploaders; ``run()`` until ``stop()``. Thread-safe."""
+
+    def __init__(self, config: DaemonConfig) -> None:
+        self.config = config
+        self.started = time.monotonic()
+        self.jobs: dict[int, Job] = {}
+        self.bad_gpus: dict[int, str] = {}
+        self.events: list[dict[str, Any]] = []
+        self.gpus: list[GpuReport] = []
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._uploaders: dict[tuple[str, str], Any] = {}
+        self.nvml = NvmlHealthSource()
+        self.server = SocketServer(config.socket, self.handle)
+        self._metrics = None
+        if config.metrics_port is not None:
+            from .metrics import Metrics
+
+            self._metrics = Metrics(config.metrics_port)
+
+    # -- messages -------------------------------------------------------------
+
+    def handle(self, msg: Any, peer_pid: int) -> Reply:
+        with self._lock:
+            if isinstance(msg, Register):
+                self.jobs[msg.pid] = Job(msg.pid, msg.rank, msg.devices, msg.store or (self.config.store or ""))
+                self._event("register", pid=msg.pid, rank=msg.rank, devices=list(msg.devices))
+                return Reply()
+            if isinstance(msg, Status):
+                return Reply(status=self.status())
+            job = self.jobs.get(msg.pid)
+            if job is None:
+                return Reply(ok=False, error=f"pid {msg.pid} is not registered; send register first")
+            if isinstance(msg, Heartbeat):
+                now = time.monotonic()
+                if job.step is not None and msg.step > job.step and msg.step_time is None:
+                    job.step_times.append((now - job.last_beat) / (msg.step - job.step))
+                elif msg.step_time is not None:
+                    job.step_times.append(float(msg.step_time))
+                job.step, job.last_beat = msg.step, now
+                commands, job.commands = tuple(job.commands), []
+                durable, job.durable = tuple(sorted(job.durable)), set()
+                return Reply(commands=commands, durable=durable)
+            if isinstance(msg, Committed):
+                job.last_snapshot = msg.step
+                self._upload(job, msg)
+                return Reply()
+        return Reply(ok=False, error=f"unexpected {type(msg).__name__}")
+
+    def _upload(self, job: Job, msg: Committed) -> None:
+        if not job.store or not job.store.startswith("s3://"):
+            job.durable.add(msg.step)  # a local store: committed is durable
+            return
+        from ..snapshot.manifest import MANIFEST, Manifest
+        from ..store import open_store
+        from ..store.file import FileStore
+        from ..store.promote import Promoter
+
+        root = os.path.dirname(msg.path.rstrip("/"))
+        key = (root, job.store)
+        try:
+            if key not in self._uploaders:
+                self._uploaders[key] = Promoter(FileStore(root, create=False), open_store(job.store))
+            with open(os.path.join(msg.path, MANIFEST), "rb") as f:
+                data = f.read()
+            manifest = Manifest.from_json(data, source=msg.path)
+        except (CkptdError, OSError) as e:
+            self._event("upload failed", pid=job.pid, step=msg.step, error=str(e))
+            return
+        future = self._uploaders[key].submit(manifest, data)
+        future.add_done_callback(lambda fut, j=job, s=msg.step: self._uploaded(j, s, fut))
+
+    def _uploaded(self, job: Job, step: int, fut) -> None:
+        with self._lock:
+            if fut.exception() is None:
+                job.durable.add(step)
+                self._event("durable", pid=job.pid, step=step)
+            else:
+                self._event("upload failed", pid=job.pid, step=step, error=str(fut.exception()))
+
+    # -- the loop -------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve and watch until ``stop()`` (or SIGTERM/SIGINT in the main thread)."""
+        threading.Thread(target=self.server.serve_forever, name="ckptd-daemon-socket", daemon=True).start()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        log.info("ckptd daemon: listening on %s", self.config.socket)
+        try:
+            while not self._stop.wait(self.config.poll):
+                self.tick()
+        finally:
+            self.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def tick(self) -> None:
+        """One round: GPUs, jobs' liveness and progress, stops past their grace, state file."""
+        reports = self.nvml.poll()
+        with self._lock:
+            self.gpus = reports
+            for r in reports:
+                if r.state == "fatal":
+                    self._fatal(r)
+                elif r.state == "degraded":
+                    self._degraded(r)
+                elif r.state == "app":
+                    self._event("app xid", gpu=r.index, reasons=r.reasons)
+            self._watch_jobs()
+            self._write_state()
+        if self._metrics is not None:
+            self._metrics.update(self)
+
+    def _fatal(self, r: GpuReport) -> None:
+        if r.index not in self.bad_gpus:
+            self.bad_gpus[r.index] = "; ".join(r.reasons)
+            self._event("gpu bad", gpu=r.index, reasons=r.reasons)
+        for job in self.jobs.values():
+            if job.uses(r.index) and job.stopping is None:
+                self._stop_job(job, f"fatal fault on GPU {r.index}: {'; '.join(r.reasons)}")
+
+    def _degraded(self, r: GpuReport) -> None:
+        reason = f"GPU {r.index} degraded: {'; '.join(r.reasons)}"
+        for job in self.jobs.values():
+            if job.uses(r.index):
+                job.commands += [Command("raise_risk", reason, self.config.degraded_risk),
+                                 Command("snapshot_now", reason)]
+        self._event("gpu degraded", gpu=r.index, reasons=r.reasons)
+
+    def _watch_jobs(self) -> None:
+        now = time.monotonic()
+        for pid, job in list(self.jobs.items()):
+            if not alive(pid):
+                self._event("job gone", pid=pid, step=job.step, reason=job.stop_reason or "exited")
+                del self.jobs[pid]
+                continue
+            if job.stopping is not None:
+                if now - job.stopping > self.config.grace:
+                    _signal(pid, signal.SIGKILL)
+                continue
+            median = statistics.median(job.step_times) if job.step_times else None
+            limit = max(self.config.hang_floor, self.config.hang_factor * median) if median else None
+            if limit is not None and now - job.last_beat > limit:
+                self._event("hang", pid=pid, step=job.step, silent_s=round(now - job.last_beat, 1))
+                _signal(pid, signal.SIGUSR1)  # the hook dumps every thread's stack
+                self._stop_job(job, f"no progress for {now - job.last_beat:.0f} s (limit {limit:.0f} s)")
+
+    def _stop_job(self, job: Job, reason: str) -> None:
+        job.stopping, job.stop_reason = time.monotonic(), reason
+        self._event("stop job", pid=job.pid, reason=reason)
+        _signal(job.pid, signal.SIGTERM)
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        entry = {"t": time.time(), "kind": kind, **fields}
+        self.events.append(entry)
+        del self.events[:-200]
+        log.warning("ckptd daemon: %s %s", kind, fields)
+
+    # -- views ----------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "pid": os.getpid(), "uptime_s": time.monotonic() - self.started, "socket": self.config.socket,
+                "nvml": self.nvml.unavailable or "ok",
+                "jobs": [{"pid": j.pid, "rank": j.rank, "step": j.step, "devices": list(j.devices),
+                          "step_time_s": statistics.median(j.step_times) if j.step_times else None,
+                          "last_snapshot": j.last_snapshot, "stopping": j.stop_reason or None,
+                          "silent_s": time.monotonic() - j.last_beat} for j in self.jobs.values()],
+                "gpus": [asdict(g) for g in self.gpus], "bad_gpus": self.bad_gpus,
+                "backlog": sum(len(p.backlog) for p in self._uploaders.values()),
+                "host": asdict(host_report([os.path.dirname(self.config.socket)])),
+                "events": self.events[-20:],
+            }
+
+    def _write_state(self) -> None:
+        tmp = self.config.state_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"bad_gpus": self.bad_gpus, "events": self.events[-50:]}, f)
+        os.replace(tmp, self.config.state_file)
+
+    def close(self) -> None:
+        self.server.close()
+        for up in self._uploaders.values():
+            up.close(wait=True)
+        self.nvml.close()
+        if self._metrics is not None:
+            self._metrics.close()
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def read_bad_gpus(socket_path: str) -> set[int]:
+    """GPUs the daemon at ``socket_path`` marked bad (for ``ckptd run``); empty if none or no daemon."""
+    try:
+        with open(socket_path + ".state.json") as f:
+            return {int(g) for g in json.load(f).get("bad_gpus", {})}
+    except (OSError, ValueError):
+        return set()

@@ -1,0 +1,160 @@
+"""A stand-in for pynvml with its names, constants and error classes, fed by a scripted timeline.
+
+$FAKE_NVML_TIMELINE names a JSON file: {"gpus": N, "missing": bool, "events":
+[{"t": seconds after nvmlInit, "gpu": i, "xid": n} or {"t", "gpu", "set": {counter: value}}]}.
+Counters: ecc_uncorrected, ecc_corrected, remap_pending, remap_failed, retired_pending,
+clock_reasons, temperature, pcie_replays, lost.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+
+
+class NVMLError(Exception):
+    value = 999
+
+    def __str__(self) -> str:
+        return type(self).__name__.removeprefix("NVMLError_")
+
+
+class NVMLError_Uninitialized(NVMLError):
+    value = 1
+
+
+class NVMLError_LibraryNotFound(NVMLError):
+    value = 12
+
+
+class NVMLError_DriverNotLoaded(NVMLError):
+    value = 9
+
+
+class NVMLError_Timeout(NVMLError):
+    value = 10
+
+
+class NVMLError_GpuIsLost(NVMLError):
+    value = 15
+
+
+NVML_MEMORY_ERROR_TYPE_CORRECTED = 0
+NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+NVML_VOLATILE_ECC = 0
+NVML_TEMPERATURE_GPU = 0
+NVML_TEMPERATURE_THRESHOLD_SLOWDOWN = 1
+nvmlEventTypeXidCriticalError = 8
+nvmlClocksEventReasonHwSlowdown = 8
+nvmlClocksEventReasonSwThermalSlowdown = 32
+nvmlClocksEventReasonHwThermalSlowdown = 64
+nvmlClocksEventReasonHwPowerBrakeSlowdown = 128
+
+_state: dict = {}
+
+
+@dataclass
+class _Event:
+    device: int
+    eventType: int
+    eventData: int
+
+
+def _timeline() -> dict:
+    with open(os.environ["FAKE_NVML_TIMELINE"]) as f:
+        return json.load(f)
+
+
+def nvmlInit() -> None:
+    tl = _timeline()
+    if tl.get("missing"):
+        raise NVMLError_LibraryNotFound()
+    _state.update(t0=time.monotonic(), tl=tl, applied=0, xids=[],
+                  gpus=[{"ecc_uncorrected": 0, "ecc_corrected": 0, "remap_pending": 0, "remap_failed": 0,
+                         "retired_pending": 0, "clock_reasons": 0, "temperature": 50, "pcie_replays": 0,
+                         "lost": False} for _ in range(tl.get("gpus", 1))])
+
+
+def _advance() -> None:
+    if "t0" not in _state:
+        raise NVMLError_Uninitialized()
+    now = time.monotonic() - _state["t0"]
+    events = sorted(_state["tl"].get("events", []), key=lambda e: e["t"])
+    while _state["applied"] < len(events) and events[_state["applied"]]["t"] <= now:
+        ev = events[_state["applied"]]
+        _state["applied"] += 1
+        if "xid" in ev:
+            _state["xids"].append(_Event(ev["gpu"], nvmlEventTypeXidCriticalError, ev["xid"]))
+        _state["gpus"][ev["gpu"]].update(ev.get("set", {}))
+
+
+def _gpu(handle: int) -> dict:
+    _advance()
+    g = _state["gpus"][handle]
+    if g["lost"]:
+        raise NVMLError_GpuIsLost()
+    return g
+
+
+def nvmlShutdown() -> None:
+    _state.clear()
+
+
+def nvmlDeviceGetCount() -> int:
+    _advance()
+    return len(_state["gpus"])
+
+
+def nvmlDeviceGetHandleByIndex(i: int) -> int:
+    return i
+
+
+def nvmlEventSetCreate() -> list:
+    return []
+
+
+def nvmlDeviceRegisterEvents(handle: int, types: int, event_set: list) -> None:
+    event_set.append(handle)
+
+
+def nvmlEventSetWait_v2(event_set: list, timeout_ms: int) -> _Event:
+    _advance()
+    if not _state["xids"]:
+        raise NVMLError_Timeout()
+    return _state["xids"].pop(0)
+
+
+def nvmlDeviceGetTotalEccErrors(handle: int, kind: int, counter: int) -> int:
+    g = _gpu(handle)
+    return g["ecc_uncorrected"] if kind == NVML_MEMORY_ERROR_TYPE_UNCORRECTED else g["ecc_corrected"]
+
+
+def nvmlDeviceGetRemappedRows(handle: int):
+    g = _gpu(handle)
+    return 0, 0, g["remap_pending"], g["remap_failed"]
+
+
+def nvmlDeviceGetRetiredPagesPendingStatus(handle: int) -> int:
+    return _gpu(handle)["retired_pending"]
+
+
+def nvmlDeviceGetCurrentClocksEventReasons(handle: int) -> int:
+    return _gpu(handle)["clock_reasons"]
+
+
+def nvmlDeviceGetTemperature(handle: int, sensor: int) -> int:
+    return _gpu(handle)["temperature"]
+
+
+def nvmlDeviceGetTemperatureThreshold(handle: int, kind: int) -> int:
+    return 90
+
+
+def nvmlDeviceGetPcieReplayCounter(handle: int) -> int:
+    return _gpu(handle)["pcie_replays"]
+
+
+def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list:
+    return []
