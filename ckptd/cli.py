@@ -295,7 +295,11 @@ def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, 
     from .daemon.server import default_socket
     from .daemon.service import Daemon, DaemonConfig
 
+    import faulthandler
+    import signal
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows what the daemon is doing
     cfg = DaemonConfig(socket=socket_path or default_socket(), store=store, metrics_port=metrics_port, poll=poll,
                        hang_factor=hang_factor, hang_floor=hang_floor, grace=grace)
     Daemon(cfg).run()

@@ -41,7 +41,7 @@ from .snapshot.stage import HostPool, make_stager
 from .snapshot.write import Ranks, write_snapshot
 from .store import open_store, retention
 from .store.file import FileStore
-from .store.tiers import Tiers
+from .store.tiers import Tiers, default_local_dir
 
 log = logging.getLogger("ckptd")
 
@@ -88,8 +88,11 @@ class Checkpointer:
             keep_last=self.config.keep_last, keep_every=self.config.keep_every, grace=self.config.incomplete_grace
         )
         self._ranks, self._decide_group = _make_ranks()
-        self._link = _connect_daemon(store, self._ranks.rank)
-        self.tiers = Tiers(open_store(store), local=self.config.local, rank=self._ranks.rank,
+        opened = open_store(store)
+        local = self.config.local if isinstance(opened, FileStore) else (self.config.local or
+                                                                           default_local_dir(opened.uri))
+        self._link = _connect_daemon(store, self._ranks.rank, local if not isinstance(opened, FileStore) else "")
+        self.tiers = Tiers(opened, local=local, rank=self._ranks.rank,
                            world_size=self._ranks.world_size, rule=rule, external=self._link is not None)
         self.store: FileStore = self.tiers.local
         self.measure = Measurements()
@@ -454,7 +457,7 @@ def _policy_note(policy: Any) -> dict[str, Any]:
     return {k: note[k] for k in ("interval", "risk", "bound", "reason") if isinstance(note.get(k), (int, float, str))}
 
 
-def _connect_daemon(store: str, rank: int):
+def _connect_daemon(store: str, rank: int, local: str):
     """The node daemon's link when $CKPTD_SOCKET is set or the default socket exists, else None."""
     from .daemon.client import DaemonLink
     from .daemon.server import default_socket
@@ -463,7 +466,7 @@ def _connect_daemon(store: str, rank: int):
     if not os.environ.get("CKPTD_SOCKET") and not os.path.exists(path):
         return None
     devices = (torch.cuda.current_device(),) if torch.cuda.is_available() and torch.cuda.is_initialized() else ()
-    link = DaemonLink.connect(path, rank=rank, devices=devices, store=store)
+    link = DaemonLink.connect(path, rank=rank, devices=devices, store=store, local=local)
     if link is not None and threading.current_thread() is threading.main_thread():
         import faulthandler
         import signal

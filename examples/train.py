@@ -85,7 +85,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--store", default=None, help="store URI (default: $CKPTD_STORE)")
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--policy", default="every:5")
+    p.add_argument("--policy", default="every:5", help="every:N, every:30s, or adaptive (the default policy)")
+    p.add_argument("--hang-at", type=int, default=None, help="stop making progress after this step (tests)")
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra 'compute' per step")
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     torch.use_deterministic_algorithms(True)
     model, opt, sched, loader, sampler = build(args.width, args.depth)
     ckpt = ckptd.Checkpointer(args.store, model=model, optimizer=opt, scheduler=sched,
-                              extra={"sampler": sampler}, policy=args.policy, keep_last=3)
+                              extra={"sampler": sampler}, keep_last=3,
+                              policy=None if args.policy == "adaptive" else args.policy)
     start = ckpt.restore()
     print(f"starting at step {start}", file=sys.stderr, flush=True)
     log = open(args.loss_log, "a") if args.loss_log else None
@@ -122,6 +124,9 @@ def main(argv=None) -> int:
             log.write(f"{step} {loss.item().hex()}\n")
             log.flush()
         ckpt.step(step, loss=loss.item())
+        if step == args.hang_at:
+            while True:  # a hang, as a stuck collective would be
+                time.sleep(1)
         if step == args.crash_at:
             ckpt.wait()  # die with this step's snapshot durable, so the lost work is known
             crash_once(args.crash_with, args.crash_marker)

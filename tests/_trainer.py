@@ -31,7 +31,8 @@ def run_trainer(store: str, *args: str, kill_on: str | None = None, kill_delay: 
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, **(env or {})})
     run = Run(returncode=0)
-    timer = threading.Timer(timeout, proc.kill)
+    timed_out = threading.Event()
+    timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
     timer.start()
     pattern = re.compile(kill_on) if kill_on else None
     try:
@@ -45,7 +46,7 @@ def run_trainer(store: str, *args: str, kill_on: str | None = None, kill_delay: 
         run.returncode = proc.wait()
     finally:
         timer.cancel()
-    if run.returncode == -signal.SIGKILL and run.killed_after is None:
+    if timed_out.is_set():
         raise AssertionError("trainer hit the timeout:\n" + "\n".join(run.lines[-20:]))
     return run
 

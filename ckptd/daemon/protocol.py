@@ -30,6 +30,8 @@ class Register:
     rank: int = 0
     devices: tuple[int, ...] = ()
     store: str = ""
+    local: str = ""
+    """The job's local tier, so committed snapshots are promoted even if the job dies first."""
     type: str = "register"
 
 
@@ -118,7 +120,7 @@ def _check(msg: Any) -> None:
         value = getattr(msg, f.name)
         if f.name in ("pid", "rank", "step") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ProtocolError(f"{type(msg).__name__}.{f.name} must be an integer >= 0")
-        if f.name in ("store", "path", "error") and not isinstance(value, str):
+        if f.name in ("store", "path", "error", "local") and not isinstance(value, str):
             raise ProtocolError(f"{type(msg).__name__}.{f.name} must be a string")
     if isinstance(msg, Register):
         if not isinstance(msg.devices, (list, tuple)) or not all(

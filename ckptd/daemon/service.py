@@ -64,6 +64,7 @@ class Job:
     rank: int
     devices: tuple[int, ...]
     store: str
+    local: str = ""
     registered: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic)
     step: int | None = None
@@ -91,6 +92,7 @@ class Daemon:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._uploaders: dict[tuple[str, str], Any] = {}
+        self._promoted: set[tuple[str, int]] = set()
         self.nvml = NvmlHealthSource()
         self.server = SocketServer(config.socket, self.handle)
         self._metrics = None
@@ -104,7 +106,8 @@ class Daemon:
     def handle(self, msg: Any, peer_pid: int) -> Reply:
         with self._lock:
             if isinstance(msg, Register):
-                self.jobs[msg.pid] = Job(msg.pid, msg.rank, msg.devices, msg.store or (self.config.store or ""))
+                self.jobs[msg.pid] = Job(msg.pid, msg.rank, msg.devices, msg.store or (self.config.store or ""),
+                                         msg.local)
                 self._event("register", pid=msg.pid, rank=msg.rank, devices=list(msg.devices))
                 return Reply()
             if isinstance(msg, Status):
@@ -148,8 +151,27 @@ class Daemon:
         except (CkptdError, OSError) as e:
             self._event("upload failed", pid=job.pid, step=msg.step, error=str(e))
             return
+        self._promoted.add((root, msg.step))
         future = self._uploaders[key].submit(manifest, data)
         future.add_done_callback(lambda fut, j=job, s=msg.step: self._uploaded(j, s, fut))
+
+    def _sweep(self, job: Job) -> None:
+        """A job died: promote the committed snapshots of its local tier it did not report."""
+        if not job.local or not job.store.startswith("s3://"):
+            return
+        from ..restore.find import snapshot_steps
+        from ..snapshot.manifest import step_dir
+        from ..store.file import FileStore
+
+        try:
+            local = FileStore(job.local, create=False)
+            steps = [s for s in snapshot_steps(local) if local.exists(f"{step_dir(s)}/ckptd.json")]
+        except (CkptdError, OSError):
+            return
+        for step in sorted(steps)[-3:]:
+            if (job.local, step) not in self._promoted:
+                self._event("sweep", pid=job.pid, step=step)
+                self._upload(job, Committed(pid=job.pid, step=step, path=local.path_of(step_dir(step))))
 
     def _uploaded(self, job: Job, step: int, fut) -> None:
         with self._lock:
@@ -216,6 +238,7 @@ class Daemon:
             if not alive(pid):
                 self._event("job gone", pid=pid, step=job.step, reason=job.stop_reason or "exited")
                 del self.jobs[pid]
+                self._sweep(job)
                 continue
             if job.stopping is not None:
                 if now - job.stopping > self.config.grace:
