@@ -218,8 +218,19 @@ class Supervisor:
             return list(self.config.command)
         healthy = self.healthy_gpus()
         if not healthy:
-            raise ConfigError(f"every GPU of {list(self.config.gpus)} is marked bad; nothing to run on")
+            self._requeue_elsewhere()
+            raise ConfigError(f"every GPU of {list(self.config.gpus)} is marked bad; nothing to run on here")
         return with_nproc(self.config.command, len(healthy))
+
+    def _requeue_elsewhere(self) -> None:
+        """Under Slurm, a node with no healthy GPU left requeues the job without this node."""
+        from . import slurm
+
+        if slurm.in_slurm():
+            log.warning("ckptd run: no healthy GPU on %s; requeueing Slurm job %s without it",
+                        slurm.this_node(), os.environ["SLURM_JOB_ID"])
+            slurm.requeue_excluding(os.environ["SLURM_JOB_ID"], slurm.this_node(),
+                                    excluded=os.environ.get("SLURM_JOB_EXCLUDED_NODES", ""))
 
     def _launch_and_wait(self) -> tuple[int, float]:
         """Run the job once; return its exit code and how long its death took to notice."""

@@ -108,7 +108,8 @@ def main(argv=None) -> int:
                               extra={"sampler": sampler}, keep_last=3,
                               policy=None if args.policy == "adaptive" else args.policy)
     start = ckpt.restore()
-    print(f"starting at step {start}", file=sys.stderr, flush=True)
+    print(f"starting at step {start} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})",
+          file=sys.stderr, flush=True)
     log = open(args.loss_log, "a") if args.loss_log else None
     state = {"loader": loader, "it": iter(loader)}
     for step in range(start, args.steps):

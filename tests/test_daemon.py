@@ -207,3 +207,45 @@ def test_snapshot_reaches_s3_although_the_trainer_dies_right_after_commit(daemon
         time.sleep(0.2)
     assert 19 in [i.step for i in ckptd.list_snapshots(uri) if i.committed], d.output()
     assert not [i for i in ckptd.list_snapshots(str(tmp_path / "tier")) if not i.committed]
+
+
+def test_relaunch_leaves_out_the_gpu_the_daemon_marked_bad(tmp_path):
+    """ckptd run starts its daemon (fake NVML: XID 79 on GPU 1); the relaunch runs without GPU 1."""
+    sock_dir = tempfile.mkdtemp(prefix="ckr-", dir="/tmp")
+    timeline = os.path.join(sock_dir, "timeline.json")
+    with open(timeline, "w") as f:
+        json.dump({"gpus": 2, "events": [{"t": 7.0, "gpu": 1, "xid": 79}]}, f)
+    env = {**os.environ, "CKPTD_NVML_MODULE": "fake_nvml", "FAKE_NVML_TIMELINE": timeline,
+           "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "CKPTD_SOCKET": os.path.join(sock_dir, "d.sock")}
+    from _trainer import TRAIN
+    res = subprocess.run([sys.executable, "-m", "ckptd.cli", "run", "--store", str(tmp_path / "s"), "--gpus", "0,1",
+                          "--backoff", "0.1", "--grace", "20", "--", sys.executable, TRAIN, "--steps", "400",
+                          "--policy", "every:50", "--step-sleep", "0.03"],
+                         capture_output=True, text=True, env=env, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    starts = [line for line in res.stderr.splitlines() if line.startswith("starting at step")]
+    assert len(starts) == 2, res.stderr[-3000:]
+    assert starts[0].endswith("(CUDA_VISIBLE_DEVICES=0,1)") and starts[1].endswith("(CUDA_VISIBLE_DEVICES=0)")
+    assert "preempted (exit 75)" in res.stderr and "1 restarts" in res.stderr
+    assert not starts[1].startswith("starting at step 0 ")
+
+
+def test_metrics_are_served_on_localhost(daemon_factory):
+    import socket as so
+    import urllib.request
+
+    with so.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = daemon_factory({"gpus": 2, "events": [{"t": 0.5, "gpu": 1, "xid": 79}]}, args=("--metrics-port", str(port)))
+    deadline = time.monotonic() + 20
+    text = ""
+    while time.monotonic() < deadline and 'ckptd_gpu_health{gpu="1"} 3.0' not in text:
+        time.sleep(0.3)
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            continue
+    assert 'ckptd_gpu_health{gpu="1"} 3.0' in text and "ckptd_bad_gpus 1.0" in text, text[-2000:]
+    assert "ckptd_upload_backlog" in text

@@ -84,3 +84,22 @@ def test_bad_gpus_leave_cuda_visible_devices(tmp_path):
                              f"import os; open({str(probe)!r}, 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])"))
     summary = Supervisor(cfg, bad_gpus=lambda: {1}).run()  # CKPTD_SOCKET: the session's own path
     assert summary.exit_code == 0 and probe.read_text() == "0,2"
+
+
+def test_slurm_requeue_runs_the_documented_scontrol_commands(tmp_path, monkeypatch):
+    """A real `scontrol` executable on PATH (a recorder script) sees hold, exclude, release."""
+    from ckptd.supervisor import RunConfig, Supervisor
+    log = tmp_path / "scontrol.log"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURMD_NODENAME", "gpu-node-7")
+    cfg = RunConfig(store=str(tmp_path / "s"), gpus=(0, 1), max_restarts=0, daemon=False,
+                    command=(sys.executable, "-c", "pass"))
+    with pytest.raises(Exception, match="every GPU"):
+        Supervisor(cfg, bad_gpus=lambda: {0, 1}).run()
+    assert log.read_text().splitlines() == ["requeuehold 4242", "update JobId=4242 ExcNodeList=gpu-node-7",
+                                            "release 4242"]
