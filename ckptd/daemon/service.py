@@ -211,6 +211,9 @@ class Daemon:
                     self._degraded(r)
                 elif r.state == "app":
                     self._event("app xid", gpu=r.index, reasons=r.reasons)
+            for r in reports:  # a bad GPU stays bad in every view, though its fault was reported once
+                if r.index in self.bad_gpus and r.state != "fatal":
+                    r.state, r.reasons = "fatal", [f"marked bad: {self.bad_gpus[r.index]}"] + r.reasons
             self._watch_jobs()
             self._write_state()
         if self._metrics is not None:
