@@ -30,14 +30,17 @@ from .keys import check_key
 log = logging.getLogger("ckptd")
 
 _MiB = 1 << 20
+_MAX_PARTS = 9000  # S3 allows 10,000; leave room
 
 
 @dataclass(frozen=True, kw_only=True)
 class S3Config:
     """Transfer settings of an S3Store."""
 
-    part_size: int = 64 * _MiB
-    """Bytes per multipart part and per ranged GET; files up to this go in one request."""
+    part_size: int = 8 * _MiB
+    """Bytes per multipart part and per ranged GET (grown for huge files: S3 allows 10,000 parts);
+    files up to this go in one request. 8 MiB measured fastest against SeaweedFS here (123 MiB/s
+    against 76 MiB/s with 64 MiB parts)."""
     concurrency: int = 8
     """Parts in flight at once, per store."""
     checksum: str = "CRC32C"
@@ -168,7 +171,7 @@ class S3Store:
         full = self._key(key)
         upload = self._call(what, self._client.create_multipart_upload, Bucket=self.bucket, Key=full,
                             ChecksumAlgorithm=self.config.checksum)["UploadId"]
-        part = self.config.part_size
+        part = max(self.config.part_size, -(-size // (_MAX_PARTS * _MiB)) * _MiB)
         try:
             fd = os.open(path, os.O_RDONLY)
             try:
