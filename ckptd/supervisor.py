@@ -69,6 +69,8 @@ class Restart:
 
     cause: str
     exit_code: int
+    noticed_at: float = 0.0
+    """Wall time (Unix s) the supervisor saw the job end."""
     lost_steps: int | None = None
     detection_s: float | None = None
     restart_s: float | None = None
@@ -154,12 +156,12 @@ class Supervisor:
     def _loop(self) -> RunSummary:
         restarts: list[Restart] = []
         while True:
-            code, noticed = self._launch_and_wait()
+            code, noticed, noticed_at = self._launch_and_wait()
             if code == 0:
                 return self._finish("completed", 0, restarts)
             if self._sigterm_at is not None:
                 return self._finish("preempted", EXIT_PREEMPTED, restarts)
-            restarts.append(Restart(describe_exit(code), code, detection_s=noticed))
+            restarts.append(Restart(describe_exit(code), code, noticed_at=noticed_at, detection_s=noticed))
             log.warning("ckptd run: job ended: %s", restarts[-1].cause)
             if len(restarts) > self.config.max_restarts:
                 restarts.pop()
@@ -232,16 +234,17 @@ class Supervisor:
             slurm.requeue_excluding(os.environ["SLURM_JOB_ID"], slurm.this_node(),
                                     excluded=os.environ.get("SLURM_JOB_EXCLUDED_NODES", ""))
 
-    def _launch_and_wait(self) -> tuple[int, float]:
-        """Run the job once; return its exit code and how long its death took to notice."""
+    def _launch_and_wait(self) -> tuple[int, float, float]:
+        """Run the job once; return its exit code, a bound on how late its end was seen, and when."""
         self._child = subprocess.Popen(self._command(), env=self._env(), start_new_session=True)
         killed_at = None
+        seen_alive = time.time()
         while True:
             code = self._child.poll()
             if code is not None:
-                attempts = read_attempts(self.progress_path)
-                last = attempts[-1].events[-1]["t"] if attempts and attempts[-1].events else time.time()
-                return code, max(0.0, time.time() - last)
+                now = time.time()
+                return code, now - seen_alive, now
+            seen_alive = time.time()
             if self._sigterm_at is not None and killed_at is None:
                 if time.monotonic() - self._sigterm_at > self.config.grace:
                     log.warning("ckptd run: grace period of %.0f s over; SIGKILL", self.config.grace)
@@ -283,9 +286,8 @@ def _split(r: Restart, before: Attempt, after: Attempt) -> None:
     resumed_from = -1 if after.restored is None else after.restored
     if before.last_step is not None:
         r.lost_steps = max(0, before.last_step - resumed_from)
-    died_at = before.events[-1]["t"] if before.events else None
-    if died_at is not None and after.started is not None:
-        r.restart_s = max(0.0, after.started - died_at - (r.detection_s or 0.0))
+    if after.started is not None and r.noticed_at:
+        r.restart_s = max(0.0, after.started - r.noticed_at)
     if after.started is not None and after.restored_at is not None:
         r.restore_s = after.restored_at - after.started
     target = before.last_step
