@@ -81,7 +81,6 @@ def memcpy_rows(model, nbytes: int, reps: int) -> dict[str, float]:
     rows = {"memcpy: Tensor.copy_ into reused buffers": median_of(reps, torch_copy)[0],
             "memcpy: np.copyto, one reused buffer": median_of(reps, np_copy)[0],
             "copy into fresh allocations (clone)": median_of(reps, fresh)[0]}
-    del dest, src, dst
     return rows
 
 

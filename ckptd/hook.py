@@ -110,6 +110,7 @@ class Checkpointer:
         self._auto_step: int | None = None
         self._attach_mode = False
         self._warned_backlog = False
+        self._step_seen = 0
         self._progress = ProgressWriter()
         self._preempt = PreemptionWatch() if self.config.handle_sigterm else None
         self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.state.optimizers]
@@ -120,6 +121,7 @@ class Checkpointer:
     def step(self, step: int, **metrics: float) -> bool:
         """Call after step ``step`` finished; True when it started a snapshot."""
         now = time.monotonic()
+        self._step_seen = step
         self.measure.step_done(now)
         self._progress.step(step)
         self._talk_to_daemon(step)
@@ -154,7 +156,7 @@ class Checkpointer:
             deadline = None if timeout is None else time.monotonic() + timeout
             while not all(f.done() for f in futures) and (deadline is None or time.monotonic() < deadline):
                 wait_futures([h.staged for h in self._inflight])
-                self._talk_to_daemon(self.measure.last_snapshot[0] if self.measure.last_snapshot else 0, force=True)
+                self._talk_to_daemon(self._step_seen, force=True)
                 wait_futures(futures, timeout=0.2)
         _, pending = wait_futures(futures, timeout=timeout)
         if pending:

@@ -34,6 +34,8 @@ def seaweed(tmp_path_factory):
 @pytest.fixture
 def s3env(seaweed, monkeypatch):
     """This process talks to the test server through the standard AWS variables."""
+    if seaweed.proc is None or seaweed.proc.poll() is not None:  # an outage test left it down
+        seaweed.start()
     for key, value in seaweed.env().items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)

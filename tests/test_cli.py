@@ -11,7 +11,6 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
-from torch import nn
 
 import ckptd
 from ckptd.cli import main

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import ckptd
 from ckptd.daemon.client import status_of
-from ckptd.daemon.protocol import MAX_FRAME, Status, encode, read_frame
+from ckptd.daemon.protocol import MAX_FRAME, Status, encode
 from _trainer import run_trainer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -238,7 +238,7 @@ def test_metrics_are_served_on_localhost(daemon_factory):
     with so.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    d = daemon_factory({"gpus": 2, "events": [{"t": 0.5, "gpu": 1, "xid": 79}]}, args=("--metrics-port", str(port)))
+    daemon_factory({"gpus": 2, "events": [{"t": 0.5, "gpu": 1, "xid": 79}]}, args=("--metrics-port", str(port)))
     deadline = time.monotonic() + 20
     text = ""
     while time.monotonic() < deadline and 'ckptd_gpu_health{gpu="1"} 3.0' not in text:

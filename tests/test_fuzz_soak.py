@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ckptd
-from ckptd.errors import ConfigError, SnapshotCorrupt, UnsafeSnapshot
+from ckptd.errors import SnapshotCorrupt, UnsafeSnapshot
 from ckptd.snapshot.manifest import FileEntry, Item, Manifest, utc_now
 from ckptd.store import open_store
 from ckptd.store.keys import check_key

@@ -96,11 +96,16 @@ def test_server_killed_mid_upload_then_restarted(s3env, tmp_path):
     store.put_bytes("kept", b"committed before the outage")
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(40 << 20))
-    killer = threading.Timer(0.3, s3env.kill)
-    killer.start()
+    killed = []
+
+    def kill_after_first_part(nbytes):  # the outage lands mid-upload, whatever the machine's speed
+        if not killed:
+            killed.append(nbytes)
+            s3env.kill()
+
     with pytest.raises(StoreError):
-        store.put_file("big", str(src))
-    killer.join()
+        store.put_file("big", str(src), progress=kill_after_first_part)
+    assert killed
     store.close()
     s3env.start()
     store = S3Store(bucket, "outage", config=S3Config(part_size=5 << 20))  # default retries, as a user runs

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,8 +11,8 @@ import torch
 
 import ckptd
 from ckptd.store.s3 import S3Store
-from _trainer import TRAIN, assert_same_state, read_losses, run_trainer
-from test_snapshot import Counter, make, train_step, ckpt_for
+from _trainer import assert_same_state, read_losses, run_trainer
+from test_snapshot import make, train_step, ckpt_for
 
 ARGS = ("--steps", "24", "--policy", "every:4", "--width", "256")
 
