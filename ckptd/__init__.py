@@ -23,11 +23,13 @@ from .errors import (
     StoreUnreachable,
     UnsafeSnapshot,
 )
+from .preempt import EXIT_PREEMPTED
 from .restore.find import SnapshotInfo, list_snapshots
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EXIT_PREEMPTED",
     "Checkpointer",
     "CheckpointerConfig",
     "SnapshotHandle",
