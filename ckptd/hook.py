@@ -393,8 +393,9 @@ class Checkpointer:
         try:
             reply = self._link.heartbeat(step, self.measure.summary()["step_time_s"], force=force)
         except (OSError, ValueError) as e:
-            log.warning("ckptd: lost the daemon (%s); snapshots stay local until a restart", e)
+            log.warning("ckptd: lost the daemon (%s); uploading from this process from now on", e)
             self._link = None
+            self.tiers.take_over()
             return
         if reply is None:
             return
@@ -407,10 +408,14 @@ class Checkpointer:
                 self.policy.raise_risk(cmd.factor, reason=cmd.reason)
 
     def _tell_daemon(self, step: int) -> None:
+        link = self._link
+        if link is None:
+            return
         try:
-            self._link.committed(step, self.store.path_of(step_dir(step)))
+            link.committed(step, self.store.path_of(step_dir(step)))
         except (OSError, ValueError) as e:
-            log.warning("ckptd: could not report step %d to the daemon: %s", step, e)
+            log.warning("ckptd: could not report step %d to the daemon (%s); the next step uploads it here",
+                        step, e)
 
     # -- errors -------------------------------------------------------------
 

@@ -25,8 +25,10 @@ class Run:
 
 
 def run_trainer(store: str, *args: str, kill_on: str | None = None, kill_delay: float = 0.0,
-                sig: int = signal.SIGKILL, timeout: float = 180.0, env: dict | None = None) -> Run:
-    """Run the trainer; send ``sig`` ``kill_delay`` s after a stderr line matches ``kill_on``."""
+                sig: int = signal.SIGKILL, timeout: float = 180.0, env: dict | None = None,
+                on_match=None) -> Run:
+    """Run the trainer; send ``sig`` ``kill_delay`` s after a stderr line matches ``kill_on``
+    (or call ``on_match()`` instead, to break something else at that moment)."""
     cmd = [sys.executable, TRAIN, "--store", store, "--verbose", *args]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, **(env or {})})
@@ -41,7 +43,10 @@ def run_trainer(store: str, *args: str, kill_on: str | None = None, kill_delay: 
             if pattern is not None and run.killed_after is None and pattern.search(line):
                 if kill_delay:
                     time.sleep(kill_delay)
-                proc.send_signal(sig)
+                if on_match is not None:
+                    on_match()
+                else:
+                    proc.send_signal(sig)
                 run.killed_after = line.strip()
         run.returncode = proc.wait()
     finally:

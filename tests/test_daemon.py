@@ -249,3 +249,28 @@ def test_metrics_are_served_on_localhost(daemon_factory):
             continue
     assert 'ckptd_gpu_health{gpu="1"} 3.0' in text and "ckptd_bad_gpus 1.0" in text, text[-2000:]
     assert "ckptd_upload_backlog" in text
+
+
+def test_daemon_killed_mid_upload_the_trainer_takes_over(daemon_factory, s3env, tmp_path):
+    bucket = s3env.make_bucket()
+    uri = f"s3://{bucket}/run"
+    d = daemon_factory(extra_env=s3env.env())
+    env = {**s3env.env(), **trainer_env(d), "CKPTD_LOCAL": str(tmp_path / "tier")}
+    run = run_trainer(uri, "--steps", "60", "--policy", "every:10", "--width", "512", "--step-sleep", "0.02",
+                      env=env, kill_on=r"step 9: committed", on_match=lambda: os.kill(d.proc.pid, signal.SIGKILL),
+                      timeout=120)
+    assert run.killed_after is not None and d.proc.wait(timeout=10) == -signal.SIGKILL
+    # close() returned without error, so every snapshot became durable, 9 included.
+    assert run.returncode == 0, "\n".join(run.lines[-20:])
+    assert any("lost the daemon" in line for line in run.lines)
+    assert [i.step for i in ckptd.list_snapshots(uri) if i.committed] == [39, 49, 59]
+
+
+def test_deleted_file_is_detected_and_the_previous_snapshot_used(tmp_path):
+    from test_snapshot import make, run, ckpt_for
+    run(tmp_path, 6)
+    os.unlink(tmp_path / "step-000000000005" / "__0_0.distcp")
+    model, opt, sched, counter = make(seed=3)
+    with ckpt_for(tmp_path, model, opt, sched, counter) as ck:
+        with pytest.warns(UserWarning, match="__0_0.distcp: missing"):
+            assert ck.restore() == 4

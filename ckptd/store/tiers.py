@@ -59,6 +59,21 @@ class Tiers:
     def backlog(self) -> list[int]:
         return sorted(self._awaiting) + (self._promoter.backlog if self._promoter else [])
 
+    def take_over(self) -> None:
+        """The daemon is gone: upload here from now on, starting with what it had not finished."""
+        if not self.external:
+            return
+        self.external = False
+        for step, fut in sorted(self._awaiting.items()):
+            try:
+                own = self.committed(read_manifest(self.local, step))
+            except (NoSnapshot, SnapshotCorrupt) as e:
+                fut.set_exception(e)
+                continue
+            own.add_done_callback(lambda done, fut=fut: fut.set_exception(done.exception()) if done.exception()
+                                  else fut.set_result(done.result()))
+        self._awaiting.clear()
+
     def mark_durable(self, step: int) -> None:
         """The daemon reports ``step`` durable in the object store."""
         fut = self._awaiting.pop(step, None)
