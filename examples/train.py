@@ -98,8 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--crash-marker", default=None, help="file that records the crash happened")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
-    if args.verbose:
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="%(message)s")
+    if args.verbose:  # ckptd's own progress lines; other libraries stay at WARNING
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
         logging.getLogger("ckptd").setLevel(logging.DEBUG)
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)

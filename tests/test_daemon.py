@@ -207,6 +207,18 @@ def test_snapshot_reaches_s3_although_the_trainer_dies_right_after_commit(daemon
         time.sleep(0.2)
     assert 19 in [i.step for i in ckptd.list_snapshots(uri) if i.committed], d.output()
     assert not [i for i in ckptd.list_snapshots(str(tmp_path / "tier")) if not i.committed]
+    secret = s3env.env()["AWS_SECRET_ACCESS_KEY"]
+    assert secret not in d.output() and secret not in "\n".join(run.lines)
+
+
+def test_bad_credentials_fail_in_one_line_without_the_secret(s3env, tmp_path):
+    bucket = s3env.make_bucket()
+    env = {**s3env.env(), "AWS_SECRET_ACCESS_KEY": "fake-secret-must-not-leak",
+           "AWS_SESSION_TOKEN": "fake-token-must-not-leak"}
+    run = run_trainer(f"s3://{bucket}/run", "--steps", "5", env=env, timeout=60)
+    assert run.returncode != 0
+    text = "\n".join(run.lines)
+    assert "denied" in text and "fake-secret-must-not-leak" not in text and "fake-token-must-not-leak" not in text
 
 
 def test_relaunch_leaves_out_the_gpu_the_daemon_marked_bad(tmp_path):

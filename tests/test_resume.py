@@ -80,3 +80,36 @@ def test_sigterm_takes_an_emergency_snapshot_and_exits_resumable(tmp_path):
     resumed = run_trainer(store, "--steps", str(last_done + 3), "--policy", "every:1000")
     assert resumed.returncode == 0
     assert any(f"starting at step {last_done + 1}" in line for line in resumed.lines)
+
+
+def check_invariants(store: str) -> int:
+    """Every snapshot ls calls committed verifies, and restore takes the newest of them."""
+    import ckptd
+    from ckptd.store import open_store
+    from ckptd.tools.verify import verify_snapshot
+    st = open_store(store, create=False)
+    committed = [i.step for i in ckptd.list_snapshots(store) if i.committed]
+    for step in committed:
+        assert verify_snapshot(st, step) == [], f"step {step} is committed but does not verify"
+    if committed:
+        assert ckptd.load(store)["meta"]["step"] == committed[-1]
+    return committed[-1] if committed else -1
+
+
+@pytest.mark.parametrize("seed", [11, 22, 33])
+def test_random_sigkills_over_seeds_keep_invariants_and_resume_bitwise(reference, tmp_path, seed):
+    store, losses, out = str(tmp_path / "store"), str(tmp_path / "loss.log"), str(tmp_path / "final.pt")
+    args = (*ARGS, "--loss-log", losses, "--out", out)
+    rng = random.Random(seed)
+    newest = -1
+    for _ in range(3):
+        run = run_trainer(store, *args, kill_on=r"starting at step", kill_delay=rng.uniform(0.2, 3.0))
+        if run.returncode == 0:
+            break
+        now = check_invariants(store)
+        assert now >= newest, "a committed snapshot was lost"
+        newest = now
+    final = run_trainer(store, *args)
+    assert final.returncode == 0
+    assert_same_state(str(reference / "final.pt"), out)
+    assert read_losses(losses) == read_losses(str(reference / "loss.log"))

@@ -24,6 +24,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from ..errors import ConfigError, SnapshotExists, StoreError, StoreUnreachable
+from . import redact
 from .base import ObjectInfo, Progress
 from .keys import check_key
 
@@ -90,6 +91,7 @@ class S3Store:
             check_key(self.prefix)
         self.uri = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self.config = config or S3Config()
+        redact.install()
         self.endpoint = _endpoint() or "AWS default endpoint"
         addressing = "path" if _is_loopback_or_ip(_endpoint()) else "auto"
         self._client = boto3.session.Session().client("s3", config=Config(
