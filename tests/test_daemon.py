@@ -263,16 +263,17 @@ def test_metrics_are_served_on_localhost(daemon_factory):
     assert "ckptd_upload_backlog" in text
 
 
-def test_daemon_killed_mid_upload_the_trainer_takes_over(daemon_factory, s3env, tmp_path):
+@pytest.mark.parametrize("phase", [r"step 9: committed", r"step 19: staging", r"step 29: staged, writing"])
+def test_daemon_killed_mid_upload_the_trainer_takes_over(daemon_factory, s3env, tmp_path, phase):
     bucket = s3env.make_bucket()
     uri = f"s3://{bucket}/run"
     d = daemon_factory(extra_env=s3env.env())
     env = {**s3env.env(), **trainer_env(d), "CKPTD_LOCAL": str(tmp_path / "tier")}
     run = run_trainer(uri, "--steps", "60", "--policy", "every:10", "--width", "512", "--step-sleep", "0.02",
-                      env=env, kill_on=r"step 9: committed", on_match=lambda: os.kill(d.proc.pid, signal.SIGKILL),
+                      env=env, kill_on=phase, on_match=lambda: os.kill(d.proc.pid, signal.SIGKILL),
                       timeout=120)
     assert run.killed_after is not None and d.proc.wait(timeout=10) == -signal.SIGKILL
-    # close() returned without error, so every snapshot became durable, 9 included.
+    # close() returned without error, so every snapshot became durable, those the daemon had included.
     assert run.returncode == 0, "\n".join(run.lines[-20:])
     assert any("lost the daemon" in line for line in run.lines)
     assert [i.step for i in ckptd.list_snapshots(uri) if i.committed] == [39, 49, 59]

@@ -89,7 +89,8 @@ def test_bad_credentials_and_bad_endpoint_fail_at_construction(s3env, monkeypatc
     assert "\n" not in str(denied.value) and "\n" not in str(unreachable.value)
 
 
-def test_server_killed_mid_upload_then_restarted(s3env, tmp_path):
+@pytest.mark.parametrize("after_parts", [1, 3])
+def test_server_killed_mid_upload_then_restarted(s3env, tmp_path, after_parts):
     bucket = s3env.make_bucket()
     store = S3Store(bucket, "outage", config=S3Config(part_size=5 << 20, concurrency=2, max_attempts=1,
                                                       connect_timeout=1, read_timeout=5))
@@ -98,8 +99,11 @@ def test_server_killed_mid_upload_then_restarted(s3env, tmp_path):
     src.write_bytes(os.urandom(40 << 20))
     killed = []
 
+    parts = []
+
     def kill_after_first_part(nbytes):  # the outage lands mid-upload, whatever the machine's speed
-        if not killed:
+        parts.append(nbytes)
+        if len(parts) == after_parts and not killed:
             killed.append(nbytes)
             s3env.kill()
 
