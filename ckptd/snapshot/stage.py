@@ -82,8 +82,10 @@ class HostPool:
                 f"snapshot of step {step} needs {total / _GiB:.2f} GiB of staging memory, over the "
                 f"staging_budget of {self.budget / _GiB:.2f} GiB; raise staging_budget or save less state"
             )
+        if not grow:
+            return
         avail = psutil.virtual_memory().available
-        if grow and grow > avail - self.reserve:
+        if grow > avail - self.reserve:
             raise InsufficientMemory(
                 f"snapshot of step {step} needs {grow / _GiB:.2f} GiB more host memory for staging, "
                 f"but only {avail / _GiB:.2f} GiB is available (keeping {self.reserve / _GiB:.1f} GiB "
