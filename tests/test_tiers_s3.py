@@ -12,7 +12,7 @@ import torch
 import ckptd
 from ckptd.store.s3 import S3Store
 from _trainer import assert_same_state, read_losses, run_trainer
-from test_snapshot import make, train_step, ckpt_for
+from test_snapshot import ckpt_for, make, run, train_step
 
 ARGS = ("--steps", "24", "--policy", "every:4", "--width", "256")
 
@@ -52,12 +52,8 @@ def test_fresh_node_resumes_from_s3_bitwise(s3env, tmp_path):
 
 
 def test_corrupt_local_copy_falls_back_to_s3(bucket, tmp_path):
-    model, opt, sched, counter = make()
     uri, tier = f"s3://{bucket}/run", str(tmp_path / "tier")
-    with ckpt_for(uri, model, opt, sched, counter, policy="every:2", local=tier) as ck:
-        for s in range(4):
-            train_step(model, opt, sched, counter)
-            ck.step(s)
+    model, *_ = run(uri, 4, local=tier)
     victim = os.path.join(tier, "step-000000000003", "__0_0.distcp")
     data = bytearray(open(victim, "rb").read())
     data[100] ^= 0xFF
@@ -103,7 +99,6 @@ def test_two_writers_of_one_step_commit_once(bucket, tmp_path):
     from ckptd.store.file import FileStore
     from ckptd.store.transfer import upload_snapshot
     from ckptd.errors import SnapshotExists
-    from test_snapshot import run
     a, b = tmp_path / "a", tmp_path / "b"
     run(a, 2, policy="every:2")
     run(b, 2, policy="every:2")  # same step, another commit (its own created time)
@@ -135,12 +130,8 @@ def test_two_gloo_ranks_promote_one_snapshot(s3env, tmp_path):
 
 
 def test_load_reads_a_snapshot_that_is_only_in_s3(bucket, tmp_path):
-    model, opt, sched, counter = make()
     uri = f"s3://{bucket}/run"
-    with ckpt_for(uri, model, opt, sched, counter, policy="every:2", local=str(tmp_path / "tier")) as ck:
-        for s in range(4):
-            train_step(model, opt, sched, counter)
-            ck.step(s)
+    model, *_ = run(uri, 4, local=str(tmp_path / "tier"))
     shutil.rmtree(tmp_path / "tier")
     state = ckptd.load(uri)
     assert state["meta"]["step"] == 3

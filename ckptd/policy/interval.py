@@ -54,13 +54,3 @@ def expected_waste(interval: float, cost: float, mtbf: float, restart: float = 0
         return 1.0
     wall_per_work = mtbf * math.exp((restart + persist) / mtbf) * math.expm1(exponent) / interval
     return max(0.0, 1.0 - 1.0 / wall_per_work)
-
-
-def waste_parts(interval: float, cost: float, mtbf: float, restart: float = 0.0,
-                persist: float = 0.0) -> dict[str, float]:
-    """First-order split of the waste: snapshot stalls, rework and restarts (fractions of wall time)."""
-    segment = interval + cost
-    stall = cost / segment
-    rework = (segment / 2.0 + persist) / mtbf
-    restarts = restart / mtbf
-    return {"stall": stall, "rework": rework, "restart": restarts}

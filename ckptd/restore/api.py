@@ -11,6 +11,7 @@ import tempfile
 from ..errors import NoSnapshot
 from ..snapshot.manifest import step_dir
 from ..store import open_store, retention
+from ..store.file import FileStore
 from ..store.tiers import Tiers
 from .load import read_state
 
@@ -22,7 +23,7 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
     A snapshot only in an object store is downloaded (verified) to a temporary directory first."""
     opened = open_store(store, create=False)
     with tempfile.TemporaryDirectory(prefix="ckptd-load-") as tmp:
-        tiers = Tiers(opened, local=None if opened.uri.startswith("file://") else tmp, rank=0, world_size=1,
+        tiers = Tiers(opened, local=None if isinstance(opened, FileStore) else tmp, rank=0, world_size=1,
                       rule=retention.Retention(keep_last=1))
         try:
             manifest = tiers.newest_good(step)

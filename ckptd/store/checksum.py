@@ -62,10 +62,3 @@ def file_checksum(path: str, algo: str = DEFAULT_ALGO) -> tuple[str, int]:
         view.release()
         buf.close()
     return cs.hexdigest(), size
-
-
-def bytes_checksum(data: bytes, algo: str = DEFAULT_ALGO) -> str:
-    cs = Checksum(algo)
-    cs.update(data)
-    return cs.hexdigest()
-

@@ -20,6 +20,7 @@ from ..errors import ConfigError, SnapshotCorrupt, SnapshotExists, StoreError
 from ..snapshot.manifest import MANIFEST, Manifest, step_dir
 from .base import Store
 from .file import FileStore
+from .transfer import already_committed, commit_once, upload_files
 
 log = logging.getLogger("ckptd")
 
@@ -139,23 +140,19 @@ class Promoter:
                 delay = min(delay * 2, self.config.retry_max)
 
     def _promote(self, job: _Job) -> None:
-        key = step_dir(job.step)
-        manifest_key = f"{key}/{MANIFEST}"
-        if self.remote.exists(manifest_key):
-            if self.remote.get_bytes(manifest_key) == job.data or self.rank != 0:
-                return
-            raise SnapshotExists(f"{self.remote.uri}/{key} holds another commit of step {job.step}")
-        for f in job.manifest.files:
-            if f.rank == self.rank:
-                self.remote.put_file(f"{key}/{f.name}", self.local.path_of(f"{key}/{f.name}"))
-        if self.world_size == 1:
-            self.remote.commit(manifest_key, job.data)
+        manifest_key = f"{step_dir(job.step)}/{MANIFEST}"
+        if self.rank == 0 and already_committed(self.remote, job.step, job.data):
             return
-        self.remote.put_bytes(rank_marker(job.step, self.rank), b"")
+        if self.rank != 0 and self.remote.exists(manifest_key):
+            return
+        upload_files(self.local, job.manifest, self.remote, rank=self.rank)
+        if self.world_size > 1:
+            self.remote.put_bytes(rank_marker(job.step, self.rank), b"")
         if self.rank == 0:
-            self._wait_for(lambda: all(self.remote.exists(rank_marker(job.step, r)) for r in range(self.world_size)),
-                           f"every rank's files of step {job.step}")
-            self.remote.commit(manifest_key, job.data)
+            if self.world_size > 1:
+                self._wait_for(lambda: all(self.remote.exists(rank_marker(job.step, r))
+                                           for r in range(self.world_size)), f"every rank's files of step {job.step}")
+            commit_once(self.remote, job.step, job.data)
         else:
             self._wait_for(lambda: self.remote.exists(manifest_key), f"rank 0's commit of step {job.step}")
 

@@ -35,6 +35,33 @@ def _parallel(fn: Callable[[str], None], names: list[str]) -> None:
             fut.result()
 
 
+def upload_files(src: FileStore, manifest: Manifest, dest: Store, *, rank: int | None = None,
+                 progress: Progress | None = None) -> None:
+    """Upload a snapshot's data files (only ``rank``'s when given), several at a time."""
+    key = step_dir(manifest.step)
+    names = [f.name for f in manifest.files if rank is None or f.rank == rank]
+    _parallel(lambda n: dest.put_file(f"{key}/{n}", src.path_of(f"{key}/{n}"), progress=progress), names)
+
+
+def already_committed(dest: Store, step: int, data: bytes) -> bool:
+    """True if ``dest`` holds this very manifest; SnapshotExists if it holds another commit of ``step``."""
+    key = f"{step_dir(step)}/{MANIFEST}"
+    if not dest.exists(key):
+        return False
+    if dest.get_bytes(key) == data:
+        return True
+    raise SnapshotExists(f"{dest.uri}/{step_dir(step)} holds another commit of step {step}")
+
+
+def commit_once(dest: Store, step: int, data: bytes) -> None:
+    """Commit the manifest last; losing a race to the identical manifest is success."""
+    try:
+        dest.commit(f"{step_dir(step)}/{MANIFEST}", data)
+    except SnapshotExists:
+        if not already_committed(dest, step, data):
+            raise
+
+
 def upload_snapshot(src: FileStore, step: int, dest: Store, *, progress: Progress | None = None) -> Manifest:
     """Upload a committed local snapshot; the destination commits it with its manifest.
 
@@ -42,18 +69,9 @@ def upload_snapshot(src: FileStore, step: int, dest: Store, *, progress: Progres
     upload was done before (idempotent); a different one raises SnapshotExists.
     """
     manifest, data = _read_manifest(src, step)
-    key = step_dir(step)
-    if dest.exists(f"{key}/{MANIFEST}"):
-        if dest.get_bytes(f"{key}/{MANIFEST}") == data:
-            return manifest
-        raise SnapshotExists(f"{dest.uri}/{key} holds another commit of step {step}")
-    _parallel(lambda n: dest.put_file(f"{key}/{n}", src.path_of(f"{key}/{n}"), progress=progress),
-              [f.name for f in manifest.files])
-    try:
-        dest.commit(f"{key}/{MANIFEST}", data)
-    except SnapshotExists:
-        if dest.get_bytes(f"{key}/{MANIFEST}") != data:
-            raise
+    if not already_committed(dest, step, data):
+        upload_files(src, manifest, dest, progress=progress)
+        commit_once(dest, step, data)
     return manifest
 
 
