@@ -70,7 +70,7 @@ def main() -> int:
 def run(args, work: str, server: SeaweedServer) -> int:
     from ckptd.store import open_store
     from ckptd.store.file import FileStore
-    from ckptd.store.transfer import download_snapshot, upload_snapshot
+    from ckptd.persist.transfer import download_snapshot, upload_snapshot
 
     local_uri, step = make_snapshot(work, args.gib)
     local = FileStore(local_uri)

@@ -169,7 +169,7 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
     """Materialise a snapshot (e.g. from S3) as a local snapshot directory that dcp.load reads."""
     from .restore.find import read_manifest
     from .store.file import FileStore
-    from .store.transfer import download_snapshot
+    from .persist.transfer import download_snapshot
     from .tools import torchsnapshot_format as tsf
     from .tools.describe import newest_committed
 
@@ -230,7 +230,7 @@ def convert_cmd(source: str, store: str, step: int) -> None:
 @_user_errors
 def gc_cmd(store: str, keep_last: int, keep_every: int | None, grace: str, dry_run: bool) -> None:
     """Retention by hand; never the newest committed snapshot nor one still being written."""
-    from .store import retention
+    from .persist import retention
 
     st = _open(store)
     rule = retention.Retention(keep_last=keep_last, keep_every=keep_every, grace=_seconds(grace))
@@ -382,8 +382,9 @@ def _fmt_s(value: float | None) -> str:
 @click.option("--gpus", default=None, envvar="CKPTD_GPUS", help="CUDA devices, e.g. 0,1,2,3.")
 @click.option("--socket", default=None, envvar="CKPTD_SOCKET", help="Daemon socket handed to the job.")
 @click.option("--no-daemon", is_flag=True, help="Do not start a node daemon (uploads run in the trainer).")
+@click.option("--take-over", is_flag=True, help="Take the store from another job that is gone (its lease).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, command) -> None:
+def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_over, command) -> None:
     """Run COMMAND, relaunching it from its newest snapshot until it succeeds.
 
     Exit codes: 0 done, 75 preempted (resumable), otherwise the job's own
@@ -402,7 +403,7 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, comman
     try:
         cfg = RunConfig(store=store, command=tuple(command), max_restarts=max_restarts, backoff=backoff,
                         backoff_max=max(60.0, backoff), grace=grace, gpus=gpu_list, socket=socket,
-                        daemon=not no_daemon)
+                        daemon=not no_daemon, take_over=take_over)
         summary = Supervisor(cfg).run()
     except CkptdError as e:
         raise click.ClickException(str(e)) from None

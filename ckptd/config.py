@@ -36,7 +36,20 @@ class CheckpointerConfig:
     """Seconds from SIGTERM to exit (default $CKPTD_GRACE or 30)."""
     local: str | None = None
     """Local tier of an object store (e.g. /dev/shm/ckptd or an NVMe path); None picks
-    $CKPTD_LOCAL or a directory under the temp dir."""
+    $CKPTD_LOCAL or a directory under the temp dir, one per job."""
+    take_over: bool = field(default_factory=lambda: os.environ.get("CKPTD_TAKE_OVER") == "1")
+    """Take the store's lease from the job holding it, once that job is gone (default: $CKPTD_TAKE_OVER=1,
+    which ``ckptd run --take-over`` sets)."""
+    lease_ttl: float = 60.0
+    """Seconds without renewal after which another job may take the store's lease."""
+    close_timeout: float = 600.0
+    """Most seconds ``wait()``/``close()`` wait for snapshots to become durable before they say
+    what is missing."""
+    ranks_timeout: float = 600.0
+    """Most seconds a snapshot waits in the object store for the other ranks' parts."""
+    on_bad_snapshots: str = "raise"
+    """``restore()`` when snapshots exist and none verifies: 'raise' NoGoodSnapshot, or
+    'start_over' from step 0 (logged)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.keep_last, int) or self.keep_last < 1:
@@ -49,6 +62,11 @@ class CheckpointerConfig:
             raise ConfigError(f"incomplete_grace={self.incomplete_grace!r}: must be >= 0 seconds")
         if not self.grace > 0:
             raise ConfigError(f"grace={self.grace!r}: must be > 0 seconds (check CKPTD_GRACE)")
+        for name in ("lease_ttl", "close_timeout", "ranks_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: must be > 0 seconds")
+        if self.on_bad_snapshots not in ("raise", "start_over"):
+            raise ConfigError(f"on_bad_snapshots={self.on_bad_snapshots!r}: use 'raise' or 'start_over'")
         if self.gpus is not None and self.gpus < 1:
             raise ConfigError(f"gpus={self.gpus!r}: must be >= 1, or None for the world size")
 

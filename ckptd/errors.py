@@ -9,6 +9,7 @@
     │   └── InsufficientMemory staging would exceed host memory or the budget
     ├── SnapshotCorrupt        checksums or manifest do not verify
     ├── NoSnapshot             the store holds no (such) committed snapshot
+    │   └── NoGoodSnapshot     snapshots exist, and none of them verifies
     ├── IncompatibleSnapshot   a snapshot does not fit the objects to restore
     └── UnsafeSnapshot         a snapshot asks to unpickle code or escape its directory
 
@@ -28,6 +29,7 @@ __all__ = [
     "InsufficientMemory",
     "SnapshotCorrupt",
     "NoSnapshot",
+    "NoGoodSnapshot",
     "IncompatibleSnapshot",
     "UnsafeSnapshot",
 ]
@@ -67,6 +69,14 @@ class SnapshotCorrupt(CkptdError):
 
 class NoSnapshot(CkptdError, LookupError):
     """The store holds no committed snapshot, or none of the asked step."""
+
+
+class NoGoodSnapshot(NoSnapshot):
+    """Committed snapshots exist, and every one of them is corrupt or unreadable."""
+
+    def __init__(self, message: str, *, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = list(problems or [])
 
 
 class IncompatibleSnapshot(CkptdError):

@@ -23,25 +23,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from . import _job
+from ._persist_client import PersistClient
+from ._restore_session import choose
 from .config import CheckpointerConfig
-from .errors import CkptdError, ConfigError, NoSnapshot, SnapshotError
+from .errors import CkptdError, ConfigError, NoGoodSnapshot, NoSnapshot, SnapshotError
 from .measure import Measurements
+from .persist import retention
+from .persist.lease import env_job_id
+from .persist.tiers import Tiers, default_local_dir
+from .persist.uploader import UploadConfig
 from .policy import PolicyContext, SnapshotPolicy, parse_policy
 from .preempt import EXIT_PREEMPTED, PreemptionWatch
 from .progress import ProgressWriter
 from .restore.find import SnapshotInfo
 from .restore.load import read_state
 from .snapshot.capture import TrainingState
+from .snapshot.dirs import LocalCommit
 from .snapshot.failures import FailureLog, SnapshotFailedWarning
 from .snapshot.flatten import Leaf, flatten
 from .snapshot.lifecycle import SnapshotHandle, SnapshotState
-from .snapshot.manifest import Manifest, step_dir
+from .snapshot.manifest import step_dir
 from .snapshot.rng import restore_rng
 from .snapshot.stage import HostPool, make_stager
-from .snapshot.write import Ranks, write_snapshot
-from .store import open_store, retention
+from .snapshot.write import write_snapshot
+from .store import open_store
 from .store.file import FileStore
-from .store.tiers import Tiers, default_local_dir
 
 log = logging.getLogger("ckptd")
 
@@ -84,22 +91,46 @@ class Checkpointer:
             raise ConfigError("no store given: pass a path or URI, or set CKPTD_STORE")
         self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra)
         self.policy = _resolve_policy(policy)
-        rule = retention.Retention(
-            keep_last=self.config.keep_last, keep_every=self.config.keep_every, grace=self.config.incomplete_grace
-        )
-        self._ranks, self._decide_group = _make_ranks()
+        self._closed = True  # until every resource below exists; close() then releases what was made
+        self._hooks: list = []
+        self._opened: list = []
+        try:
+            self._open(store)
+        except BaseException:
+            self._release()
+            raise
+        self._closed = False
+
+    def _open(self, store: str) -> None:
+        """Acquire, in order, everything the Checkpointer owns; ``_release`` undoes it."""
+        rule = retention.Retention(keep_last=self.config.keep_last, keep_every=self.config.keep_every,
+                                   grace=self.config.incomplete_grace)
         opened = open_store(store)
-        local = self.config.local if isinstance(opened, FileStore) else (self.config.local or
-                                                                           default_local_dir(opened.uri))
-        self._link = _connect_daemon(store, self._ranks.rank, local if not isinstance(opened, FileStore) else "")
-        self.tiers = Tiers(opened, local=local, rank=self._ranks.rank,
-                           world_size=self._ranks.world_size, rule=rule, external=self._link is not None)
-        self.store: FileStore = self.tiers.local
+        self._opened.append(opened.close)
+        is_file = isinstance(opened, FileStore)
+        if is_file and self.config.local is not None:
+            raise ConfigError(f"local={self.config.local!r} applies to object stores; {opened.uri} is already "
+                              "local: drop local=")
+        local = opened.root if is_file else (self.config.local or default_local_dir(opened.uri, env_job_id()))
+        self._place = _job.join(opened, local, take_over=self.config.take_over, lease_ttl=self.config.lease_ttl,
+                                shared_store=is_file)
+        self._opened.append(self._place.close)
+        self._ranks, self._decide_group = self._place.ranks, self._place.decide_group
+        link = _connect_daemon(store, self._ranks, local)  # the health watcher, and the uploader when remote
+        tiers = Tiers(opened, local=None if is_file else local, rank=self._ranks.rank,
+                      world_size=self._ranks.world_size, rule=rule, external=link is not None and not is_file,
+                      upload=UploadConfig(ranks_timeout=self.config.ranks_timeout))
+        self._persistence = PersistClient(tiers, link)
+        self._opened.append(lambda: self._persistence.close(wait=False))
+        self.tiers = tiers
+        self.store: FileStore = tiers.local
         self.measure = Measurements()
         self._pool = HostPool(pin=torch.cuda.is_available(), budget=self.config.staging_budget,
                               reserve=self.config.memory_reserve)
         self._stager = make_stager()
+        self._opened.append(self._stager.close)
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="ckptd-persist")
+        self._opened.append(lambda: self._persist.shutdown(wait=True))
         self._pool_free = threading.Event()
         self._pool_free.set()
         self._pending_stage: Future | None = None
@@ -112,9 +143,23 @@ class Checkpointer:
         self._warned_backlog = False
         self._step_seen = 0
         self._progress = ProgressWriter()
+        self._opened.append(self._progress.close)
         self._preempt = PreemptionWatch() if self.config.handle_sigterm else None
+        if self._preempt is not None:
+            self._opened.append(self._preempt.uninstall)
         self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.state.optimizers]
-        self._closed = False
+
+    def _release(self) -> None:
+        """Release what ``_open`` acquired, newest first; later failures do not hide earlier ones."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        while self._opened:
+            undo = self._opened.pop()
+            try:
+                undo()
+            except Exception:
+                log.exception("ckptd: while releasing the Checkpointer's resources")
 
     # -- the training loop ------------------------------------------------
 
@@ -150,40 +195,34 @@ class Checkpointer:
         self._force = reason
 
     def wait(self, timeout: float | None = None) -> None:
-        """Wait for every snapshot in flight to be durable; re-raise a failure with its step."""
-        futures = [h.durable for h in list(self._inflight)]
-        if self._link is not None:  # the daemon uploads; ask it until it reports them durable
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while not all(f.done() for f in futures) and (deadline is None or time.monotonic() < deadline):
-                wait_futures([h.staged for h in self._inflight])
-                self._talk_to_daemon(self._step_seen, force=True)
-                wait_futures(futures, timeout=0.2)
-        _, pending = wait_futures(futures, timeout=timeout)
+        """Wait for every snapshot in flight to be durable; re-raise a failure with its step.
+
+        ``timeout`` defaults to the ``close_timeout`` option; nothing waits forever.
+        """
+        timeout = self.config.close_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        handles = list(self._inflight)
+        wait_futures([h.staged for h in handles], timeout=timeout)
+        futures = [h.durable for h in handles]
+        self._persistence.wait_reported(futures, self._step_seen, deadline)
+        _, pending = wait_futures(futures, timeout=max(0.0, deadline - time.monotonic()))
         if pending:
-            steps = sorted(h.step for h in self._inflight if h.durable in pending)
-            raise SnapshotError(f"snapshots of steps {steps} are not durable after {timeout} s "
-                                f"(upload backlog {self.backlog}); they are kept in {self.store.root}")
+            late = sorted(h.step for h in handles if h.durable in pending)
+            why = "; ".join(f"step {s}: {self.tiers.detail(s)}" for s in late)
+            raise SnapshotError(f"snapshots of steps {late} are not durable after {timeout:.0f} s ({why}); "
+                                f"they are kept in {self.store.root}")
         self._prune()
         self._failures.raise_all()
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait until the last snapshot is durable, release threads, re-raise failures."""
+        """Wait (bounded, see ``wait``) until the last snapshot is durable, release everything, re-raise failures."""
         if self._closed:
             return
         self._closed = True
         try:
             self.wait(timeout)
         finally:
-            for h in self._hooks:
-                h.remove()
-            if self._preempt is not None:
-                self._preempt.uninstall()
-            self._persist.shutdown(wait=True)
-            self._stager.close()
-            self.tiers.close(wait=timeout is None)
-            self._progress.close()
-            if self._link is not None:
-                self._link.close()
+            self._release()
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -207,15 +246,22 @@ class Checkpointer:
         return self.tiers.backlog
 
     def stats(self) -> dict[str, Any]:
-        """Staging memory, median step/stall/persist seconds and the upload backlog."""
-        return {"pool_bytes": self._pool.nbytes, "backlog": self.backlog, **self.measure.summary()}
+        """Staging memory, median step/stall/persist seconds, the upload backlog and the daemon in use."""
+        return {"pool_bytes": self._pool.nbytes, "backlog": self.backlog, "daemon": self._persistence.uses_daemon,
+                **self.measure.summary()}
 
     # -- restore ------------------------------------------------------------
 
     def restore(self, step: int | None = None) -> int:
         """Load the newest verified snapshot (or ``step``); return the next step to run, 0 if none."""
         self._check_open()
-        manifest = self._choose(step)
+        try:
+            manifest = choose(self.tiers, self._ranks, self._decide_group, step)
+        except NoGoodSnapshot as e:
+            if self.config.on_bad_snapshots != "start_over":
+                raise
+            log.error("ckptd: %s; starting over from step 0 (on_bad_snapshots='start_over')", e)
+            manifest = None
         if manifest is None:
             if step is not None:
                 raise NoSnapshot(f"{self.store.uri} has no snapshot of step {step}")
@@ -237,16 +283,6 @@ class Checkpointer:
         log.info("ckptd: restored step %d from %s", manifest.step, directory)
         self._progress.event("restored", step=manifest.step)
         return manifest.step + 1
-
-    def _choose(self, step: int | None) -> Manifest | None:
-        if not self._ranks.distributed:
-            return self.tiers.newest_good(step)
-        chosen: list = [None]
-        if self._ranks.rank == 0:
-            m = self.tiers.newest_good(step)
-            chosen = [None if m is None else m.step]
-        dist.broadcast_object_list(chosen, src=0, group=self._decide_group)
-        return None if chosen[0] is None else self.tiers.newest_good(chosen[0])
 
     def _catch_up_schedulers(self) -> None:
         # attach() snapshots inside optimizer.step(), before the loop's scheduler.step().
@@ -332,7 +368,8 @@ class Checkpointer:
                 raise SnapshotError(f"local tier {self.store.root} is full and holds nothing durable to drop; "
                                     "snapshot skipped: free space there or point local= at a larger disk")
             meta["stall_s"] = handle.stall
-            manifest = write_snapshot(self.store, handle.step, leaves, self._ranks, metrics=metrics, meta=meta)
+            done = write_snapshot(self.store, handle.step, leaves, self._ranks, metrics=metrics, meta=meta,
+                                  fence=self._place.fence)
             handle.advance(SnapshotState.WRITTEN)
             handle.advance(SnapshotState.COMMITTED)
         except BaseException as e:
@@ -342,24 +379,24 @@ class Checkpointer:
             self._pool_free.set()
         log.debug("ckptd: step %d: committed", handle.step)
         self.measure.stall(handle.stall)
-        durable = self.tiers.committed(manifest)
-        if self._link is not None:
-            self._tell_daemon(handle.step)
+        durable = self._persistence.committed(done)
         self._retain(self.tiers.retain_local, handle.step)
-        durable.add_done_callback(lambda fut: self._durable(handle, manifest, fut))
+        durable.add_done_callback(lambda fut: self._durable(handle, done, fut))
 
-    def _durable(self, handle: SnapshotHandle, manifest: Manifest, fut: Future) -> None:
+    def _durable(self, handle: SnapshotHandle, done: LocalCommit, fut: Future) -> None:
         if fut.exception() is not None:
-            self._fail(handle, "was committed locally but not promoted", fut.exception())
+            self._fail(handle, "was committed locally but not in the object store", fut.exception())
             return
         handle.advance(SnapshotState.DURABLE)
         log.debug("ckptd: step %d: durable", handle.step)
+        self.tiers.release(done)
         self._retain(self.tiers.retain_remote, handle.step)
         self.measure.persist(time.monotonic() - handle.started)
-        tiers = ("local",) if self.tiers.remote is None else ("local", "s3")
-        handle.durable.set_result(SnapshotInfo(
-            manifest.step, manifest.created_at, manifest.nbytes, True, tiers,
-            f"{self.store.uri}/{step_dir(manifest.step)}", manifest.world_size, manifest.metrics))
+        m = done.manifest
+        where = self.store if self.tiers.remote is None else self.tiers.remote
+        tiers = ("local",) if self.tiers.remote is None else (("local", "s3") if done.whole else ("s3",))
+        handle.durable.set_result(SnapshotInfo(m.step, m.created_at, m.nbytes, True, tiers,
+                                               f"{where.uri}/{step_dir(m.step)}", m.world_size, m.metrics))
 
     def _fail(self, handle: SnapshotHandle, what: str, e: BaseException) -> None:
         handle.advance(SnapshotState.FAILED)
@@ -386,36 +423,13 @@ class Checkpointer:
 
     # -- the node daemon ------------------------------------------------------
 
-    def _talk_to_daemon(self, step: int, *, force: bool = False) -> None:
-        """Heartbeat; act on the daemon's commands and durability reports. A lost daemon means embedded mode."""
-        if self._link is None:
-            return
-        try:
-            reply = self._link.heartbeat(step, self.measure.summary()["step_time_s"], force=force)
-        except (OSError, ValueError) as e:
-            log.warning("ckptd: lost the daemon (%s); uploading from this process from now on", e)
-            self._link = None
-            self.tiers.take_over()
-            return
-        if reply is None:
-            return
-        for step_done in reply.durable:
-            self.tiers.mark_durable(step_done)
-        for cmd in reply.commands:
+    def _talk_to_daemon(self, step: int) -> None:
+        """Heartbeat the node daemon, if any, and act on its commands."""
+        for cmd in self._persistence.heartbeat(step, self.measure.summary()["step_time_s"]):
             if cmd.kind == "snapshot_now":
                 self.request_snapshot(cmd.reason)
             elif cmd.kind == "raise_risk" and callable(getattr(self.policy, "raise_risk", None)):
                 self.policy.raise_risk(cmd.factor, reason=cmd.reason)
-
-    def _tell_daemon(self, step: int) -> None:
-        link = self._link
-        if link is None:
-            return
-        try:
-            link.committed(step, self.store.path_of(step_dir(step)))
-        except (OSError, ValueError) as e:
-            log.warning("ckptd: could not report step %d to the daemon (%s); the next step uploads it here",
-                        step, e)
 
     # -- errors -------------------------------------------------------------
 
@@ -464,7 +478,7 @@ def _policy_note(policy: Any) -> dict[str, Any]:
     return {k: note[k] for k in ("interval", "risk", "bound", "reason") if isinstance(note.get(k), (int, float, str))}
 
 
-def _connect_daemon(store: str, rank: int, local: str):
+def _connect_daemon(store: str, ranks, local: str):
     """The node daemon's link when $CKPTD_SOCKET is set or the default socket exists, else None."""
     from .daemon.client import DaemonLink
     from .daemon.server import default_socket
@@ -473,19 +487,11 @@ def _connect_daemon(store: str, rank: int, local: str):
     if not os.environ.get("CKPTD_SOCKET") and not os.path.exists(path):
         return None
     devices = (torch.cuda.current_device(),) if torch.cuda.is_available() and torch.cuda.is_initialized() else ()
-    link = DaemonLink.connect(path, rank=rank, devices=devices, store=store, local=local)
+    link = DaemonLink.connect(path, rank=ranks.rank, devices=devices, store=store, local=local, job=ranks.job,
+                              world_size=ranks.world_size)
     if link is not None and threading.current_thread() is threading.main_thread():
         import faulthandler
         import signal
 
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # the daemon's hang report
     return link
-
-
-def _make_ranks() -> tuple[Ranks, Any]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return Ranks(), None
-    # Own gloo groups: collectives from the writer thread must not interleave with training's.
-    write_group = dist.new_group(backend="gloo")
-    decide_group = dist.new_group(backend="gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size(), write_group), decide_group

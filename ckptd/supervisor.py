@@ -1,7 +1,7 @@
 """``ckptd run``: launch a training command, relaunch it on failure, report (no torch).
 
 The job resumes through its own ``Checkpointer.restore()``; the supervisor
-only sets ``CKPTD_STORE``, ``CKPTD_PROGRESS`` and ``CKPTD_GRACE``, keeps bad
+only sets ``CKPTD_STORE``, ``CKPTD_PROGRESS``, ``CKPTD_GRACE`` and ``CKPTD_JOB``, keeps bad
 GPUs out of ``CUDA_VISIBLE_DEVICES``, and reads the progress events to say
 what each restart cost.
 """
@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .errors import ConfigError
+from .persist.lease import env_job_id
 from .preempt import EXIT_PREEMPTED
 from .progress import ENV as PROGRESS_ENV
 from .progress import Attempt, read_attempts
@@ -51,6 +53,8 @@ class RunConfig:
     """The node daemon's socket, handed to the job as CKPTD_SOCKET; None: the default path."""
     daemon: bool = True
     """Start the node daemon if none listens on ``socket`` (and stop it at the end)."""
+    take_over: bool = False
+    """Let the job take the store's lease from another job that is gone (CKPTD_TAKE_OVER=1)."""
 
     def __post_init__(self) -> None:
         if not self.command:
@@ -137,6 +141,8 @@ class Supervisor:
         self._sigterm_at: float | None = None
         self._workdir = tempfile.mkdtemp(prefix="ckptd-run-")
         self.progress_path = os.path.join(self._workdir, "progress.jsonl")
+        # One id for every launch of this job, so a relaunch takes its own store lease back.
+        self.job = env_job_id() or f"run-{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
 
     def run(self) -> RunSummary:
         t0 = time.monotonic()
@@ -202,7 +208,9 @@ class Supervisor:
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update(CKPTD_STORE=self.config.store, CKPTD_GRACE=str(self.config.grace))
+        env.update(CKPTD_STORE=self.config.store, CKPTD_GRACE=str(self.config.grace), CKPTD_JOB=self.job)
+        if self.config.take_over:
+            env["CKPTD_TAKE_OVER"] = "1"
         env[PROGRESS_ENV] = self.progress_path
         if self.config.daemon or self.config.socket:
             env["CKPTD_SOCKET"] = self.socket

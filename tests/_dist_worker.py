@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -16,13 +17,16 @@ import ckptd
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--store", required=True)
-    p.add_argument("--rank", type=int, required=True)
-    p.add_argument("--world", type=int, required=True)
-    p.add_argument("--init", required=True, help="file:// rendezvous")
+    p.add_argument("--rank", type=int, default=None, help="default: $RANK (torchrun)")
+    p.add_argument("--world", type=int, default=None, help="default: $WORLD_SIZE (torchrun)")
+    p.add_argument("--init", default="env://", help="file:// rendezvous, or env:// under torchrun")
     p.add_argument("--mode", choices=["save", "restore"], required=True)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", required=True)
     a = p.parse_args()
+    if a.rank is None:
+        a.rank, a.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        a.out = a.out.replace("{rank}", str(a.rank))
     dist.init_process_group("gloo", init_method=a.init, rank=a.rank, world_size=a.world)
     torch.manual_seed(0 if a.mode == "save" else 99)
     model = DDP(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)))

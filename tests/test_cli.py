@@ -16,7 +16,8 @@ import ckptd
 from ckptd.cli import main
 from ckptd.store import open_store
 from ckptd.store.file import FileStore
-from ckptd.store.transfer import upload_snapshot
+from ckptd.persist.transfer import upload_snapshot
+from ckptd.restore.find import read_manifest
 from test_snapshot import make, run
 
 
@@ -173,7 +174,7 @@ def test_commands_on_seaweedfs(s3env, tmp_path):
     assert res.returncode == 0 and (tmp_path / "back" / "step-000000000003" / "ckptd.json").exists()
     assert sub("export", uri, "-o", str(tmp_path / "x.pt"), "--only", "model", env=env).returncode == 0
     assert "deleted committed steps [1]" in sub("gc", uri, "--keep-last", "1", env=env).stdout
-    remote.put_bytes("step-000000000003/__0_0.distcp", b"damaged")
+    remote.put_bytes(read_manifest(remote, 3).object_key("__0_0.distcp"), b"damaged")
     bad = sub("verify", uri, env=env)
     assert bad.returncode == 1 and "__0_0.distcp" in bad.stdout
     res = sub("ls", "s3://no-such-bucket-here/x", env=env)

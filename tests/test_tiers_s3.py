@@ -97,7 +97,7 @@ def test_outage_keeps_training_and_promotion_catches_up(s3env, tmp_path):
 
 def test_two_writers_of_one_step_commit_once(bucket, tmp_path):
     from ckptd.store.file import FileStore
-    from ckptd.store.transfer import upload_snapshot
+    from ckptd.persist.transfer import upload_snapshot
     from ckptd.errors import SnapshotExists
     a, b = tmp_path / "a", tmp_path / "b"
     run(a, 2, policy="every:2")
@@ -123,7 +123,7 @@ def test_two_gloo_ranks_promote_one_snapshot(s3env, tmp_path):
     infos = ckptd.list_snapshots(uri)
     assert [i.step for i in infos if i.committed] == [2, 5] and infos[-1].world_size == 2
     names = {o.key.split("/")[-1] for o in S3Store(bucket, "ddp").list("step-000000000005")}
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "ckptd.json", ".rank-0.done", ".rank-1.done"} <= names
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "ckptd.json", "part-00000.json", "part-00001.json"} <= names
     for got in restored:
         assert got["start"] == 6
         assert torch.equal(got["model"]["0.weight"], finals[0]["model"]["0.weight"])

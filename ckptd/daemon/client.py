@@ -30,7 +30,7 @@ class DaemonLink:
 
     @classmethod
     def connect(cls, path: str | None = None, *, rank: int = 0, devices: tuple[int, ...] = (),
-                store: str = "", local: str = "") -> "DaemonLink | None":
+                store: str = "", local: str = "", job: str = "", world_size: int = 1) -> "DaemonLink | None":
         """Register with the daemon at ``path`` (default: $CKPTD_SOCKET or the default socket); None if none."""
         path = path or default_socket()
         if not os.path.exists(path):
@@ -41,7 +41,8 @@ class DaemonLink:
         try:
             sock.connect(path)
             link = cls(sock, path, os.getpid())
-            reply = link.request(Register(pid=link.pid, rank=rank, devices=tuple(devices), store=store, local=local))
+            reply = link.request(Register(pid=link.pid, rank=rank, devices=tuple(devices), store=store, local=local,
+                                          job=job, world_size=world_size))
         except (OSError, ProtocolError) as e:
             sock.close()
             log.warning("ckptd: daemon at %s does not answer (%s): embedded mode", path, e)

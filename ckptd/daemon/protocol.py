@@ -32,6 +32,9 @@ class Register:
     store: str = ""
     local: str = ""
     """The job's local tier, so committed snapshots are promoted even if the job dies first."""
+    job: str = ""
+    """The job id (every rank of a job names the same one)."""
+    world_size: int = 1
     type: str = "register"
 
 
@@ -72,11 +75,20 @@ class Command:
 
 
 @dataclass(frozen=True)
+class Failure:
+    """A snapshot the daemon could not commit, and why."""
+
+    step: int
+    error: str
+
+
+@dataclass(frozen=True)
 class Reply:
     ok: bool = True
     error: str = ""
     commands: tuple[Command, ...] = ()
     durable: tuple[int, ...] = ()
+    failed: tuple[Failure, ...] = ()
     status: dict[str, Any] = field(default_factory=dict)
     type: str = "reply"
 
@@ -118,9 +130,10 @@ def decode(body: bytes) -> Any:
 def _check(msg: Any) -> None:
     for f in fields(msg):
         value = getattr(msg, f.name)
-        if f.name in ("pid", "rank", "step") and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        if f.name in ("pid", "rank", "step", "world_size") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ProtocolError(f"{type(msg).__name__}.{f.name} must be an integer >= 0")
-        if f.name in ("store", "path", "error", "local") and not isinstance(value, str):
+        if f.name in ("store", "path", "error", "local", "job") and not isinstance(value, str):
             raise ProtocolError(f"{type(msg).__name__}.{f.name} must be a string")
     if isinstance(msg, Register):
         if not isinstance(msg.devices, (list, tuple)) or not all(
@@ -130,11 +143,22 @@ def _check(msg: Any) -> None:
     if isinstance(msg, Heartbeat) and msg.step_time is not None and not isinstance(msg.step_time, (int, float)):
         raise ProtocolError("Heartbeat.step_time must be a number")
     if isinstance(msg, Reply):
-        cmds = tuple(Command(**c) if isinstance(c, dict) else c for c in msg.commands)
-        if not all(isinstance(c, Command) and c.kind in _COMMANDS for c in cmds):
-            raise ProtocolError("Reply.commands holds an unknown command")
-        object.__setattr__(msg, "commands", cmds)
-        object.__setattr__(msg, "durable", tuple(msg.durable))
+        try:
+            _check_reply(msg)
+        except TypeError as e:
+            raise ProtocolError(f"Reply: {e}") from None
+
+
+def _check_reply(msg: "Reply") -> None:
+    cmds = tuple(Command(**c) if isinstance(c, dict) else c for c in msg.commands)
+    if not all(isinstance(c, Command) and c.kind in _COMMANDS for c in cmds):
+        raise ProtocolError("Reply.commands holds an unknown command")
+    object.__setattr__(msg, "commands", cmds)
+    object.__setattr__(msg, "durable", tuple(msg.durable))
+    failed = tuple(Failure(**f) if isinstance(f, dict) else f for f in msg.failed)
+    if not all(isinstance(f, Failure) and isinstance(f.step, int) and isinstance(f.error, str) for f in failed):
+        raise ProtocolError("Reply.failed holds something other than (step, error)")
+    object.__setattr__(msg, "failed", failed)
 
 
 def read_frame(sock: socket.socket) -> bytes | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import signal
 import statistics
 import threading
@@ -24,7 +25,7 @@ from typing import Any
 from ..errors import CkptdError
 from .host import alive, host_report
 from .nvml import GpuReport, NvmlHealthSource
-from .protocol import Command, Committed, Heartbeat, Register, Reply, Status
+from .protocol import Command, Committed, Failure, Heartbeat, Register, Reply, Status
 from .server import SocketServer
 
 log = logging.getLogger("ckptd.daemon")
@@ -65,12 +66,15 @@ class Job:
     devices: tuple[int, ...]
     store: str
     local: str = ""
+    job: str = ""
+    world_size: int = 1
     registered: float = field(default_factory=time.monotonic)
     last_beat: float = field(default_factory=time.monotonic)
     step: int | None = None
     step_times: deque = field(default_factory=lambda: deque(maxlen=32))
     commands: list[Command] = field(default_factory=list)
     durable: set[int] = field(default_factory=set)
+    failed: dict[int, str] = field(default_factory=dict)
     last_snapshot: int | None = None
     stopping: float | None = None
     stop_reason: str = ""
@@ -91,8 +95,11 @@ class Daemon:
         self.gpus: list[GpuReport] = []
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._uploaders: dict[tuple[str, str], Any] = {}
-        self._promoted: set[tuple[str, int]] = set()
+        self._uploaders: dict[str, Any] = {}
+        self._submitted: set[tuple[str, int]] = set()
+        self._work: queue.Queue = queue.Queue()
+        """Uploads and sweeps, run by one thread: nothing that touches the network holds ``_lock``."""
+        self._worker = threading.Thread(target=self._work_loop, name="ckptd-daemon-work", daemon=True)
         self.nvml = NvmlHealthSource()
         self.server = SocketServer(config.socket, self.handle)
         self._metrics = None
@@ -107,7 +114,7 @@ class Daemon:
         with self._lock:
             if isinstance(msg, Register):
                 self.jobs[msg.pid] = Job(msg.pid, msg.rank, msg.devices, msg.store or (self.config.store or ""),
-                                         msg.local)
+                                         msg.local, msg.job, msg.world_size)
                 self._event("register", pid=msg.pid, rank=msg.rank, devices=list(msg.devices))
                 return Reply()
             if isinstance(msg, Status):
@@ -124,54 +131,79 @@ class Daemon:
                 job.step, job.last_beat = msg.step, now
                 commands, job.commands = tuple(job.commands), []
                 durable, job.durable = tuple(sorted(job.durable)), set()
-                return Reply(commands=commands, durable=durable)
+                failed = tuple(Failure(s, e) for s, e in sorted(job.failed.items()))
+                job.failed = {}
+                return Reply(commands=commands, durable=durable, failed=failed)
             if isinstance(msg, Committed):
                 job.last_snapshot = msg.step
-                self._upload(job, msg)
+                if not job.store.startswith("s3://"):
+                    job.durable.add(msg.step)  # a local store: committed is durable
+                else:
+                    self._work.put((self._upload, job, msg.path, (job.rank,)))
                 return Reply()
         return Reply(ok=False, error=f"unexpected {type(msg).__name__}")
 
-    def _upload(self, job: Job, msg: Committed) -> None:
-        if not job.store or not job.store.startswith("s3://"):
-            job.durable.add(msg.step)  # a local store: committed is durable
-            return
+    def _work_loop(self) -> None:
+        while (item := self._work.get()) is not None:
+            fn, *args = item
+            try:
+                fn(*args)
+            except Exception:  # one bad snapshot or store must not stop every upload
+                log.exception("ckptd daemon: %s failed", getattr(fn, "__name__", fn))
+
+    def _upload(self, job: Job, path: str, ranks: tuple[int, ...]) -> None:
+        """Submit ``ranks``' parts of the committed local directory ``path`` (work thread: may block)."""
+        from ..persist.uploader import Uploader
         from ..snapshot.manifest import MANIFEST, Manifest
         from ..store import open_store
-        from ..store.file import FileStore
-        from ..store.promote import Promoter
 
-        root = os.path.dirname(msg.path.rstrip("/"))
-        key = (root, job.store)
         try:
-            if key not in self._uploaders:
-                self._uploaders[key] = Promoter(FileStore(root, create=False), open_store(job.store))
-            with open(os.path.join(msg.path, MANIFEST), "rb") as f:
-                data = f.read()
-            manifest = Manifest.from_json(data, source=msg.path)
+            uploader = self._uploaders.get(job.store)
+            if uploader is None:
+                uploader = self._uploaders[job.store] = Uploader(open_store(job.store))
+            with open(os.path.join(path, MANIFEST), "rb") as f:
+                data = f.read(64 << 20)
+            manifest = Manifest.from_json(data, source=path)
         except (CkptdError, OSError) as e:
-            self._event("upload failed", pid=job.pid, step=msg.step, error=str(e))
+            with self._lock:
+                job.failed[job.last_snapshot or 0] = str(e)
+                self._event("upload failed", pid=job.pid, path=path, error=str(e))
             return
-        self._promoted.add((root, msg.step))
-        future = self._uploaders[key].submit(manifest, data)
-        future.add_done_callback(lambda fut, j=job, s=msg.step: self._uploaded(j, s, fut))
+        with self._lock:
+            self._submitted.update((path, r) for r in ranks)
+        future = uploader.submit(manifest, data, path, ranks)
+        future.add_done_callback(lambda fut, j=job, s=manifest.step: self._uploaded(j, s, fut))
 
     def _sweep(self, job: Job) -> None:
-        """A job died: promote the committed snapshots of its local tier it did not report."""
+        """A job died: submit the committed snapshots of its local tier it did not report (work thread)."""
         if not job.local or not job.store.startswith("s3://"):
             return
-        from ..restore.find import snapshot_steps
-        from ..snapshot.manifest import step_dir
-        from ..store.file import FileStore
+        from ..snapshot.dirs import PARTIAL, parse_named
+        from ..snapshot.manifest import MANIFEST, parse_step_dir
+        from ..snapshot.parts import part_name
 
+        dirs = []
         try:
-            local = FileStore(job.local, create=False)
-            steps = [s for s in snapshot_steps(local) if local.exists(f"{step_dir(s)}/ckptd.json")]
-        except (CkptdError, OSError):
+            for name in os.listdir(job.local):
+                step = parse_step_dir(name)
+                if step is not None and os.path.isfile(os.path.join(job.local, name, MANIFEST)):
+                    dirs.append((step, os.path.join(job.local, name), tuple(range(job.world_size))))
+            partial = os.path.join(job.local, PARTIAL)
+            for name in os.listdir(partial) if os.path.isdir(partial) else []:
+                named = parse_named(name)
+                path = os.path.join(partial, name)
+                if named is not None and os.path.isfile(os.path.join(path, MANIFEST)):
+                    ranks = tuple(r for r in range(job.world_size) if os.path.isfile(os.path.join(path, part_name(r))))
+                    dirs.append((named[0], path, ranks))
+        except OSError:
             return
-        for step in sorted(steps)[-3:]:
-            if (job.local, step) not in self._promoted:
-                self._event("sweep", pid=job.pid, step=step)
-                self._upload(job, Committed(pid=job.pid, step=step, path=local.path_of(step_dir(step))))
+        for step, path, ranks in sorted(dirs)[-3:]:
+            with self._lock:
+                left = tuple(r for r in ranks if (path, r) not in self._submitted)
+                if left:
+                    self._event("sweep", pid=job.pid, step=step, ranks=list(left))
+            if left:
+                self._upload(job, path, left)
 
     def _uploaded(self, job: Job, step: int, fut) -> None:
         with self._lock:
@@ -179,6 +211,7 @@ class Daemon:
                 job.durable.add(step)
                 self._event("durable", pid=job.pid, step=step)
             else:
+                job.failed[step] = str(fut.exception())
                 self._event("upload failed", pid=job.pid, step=step, error=str(fut.exception()))
 
     # -- the loop -------------------------------------------------------------
@@ -186,6 +219,7 @@ class Daemon:
     def run(self) -> None:
         """Serve and watch until ``stop()`` (or SIGTERM/SIGINT in the main thread)."""
         threading.Thread(target=self.server.serve_forever, name="ckptd-daemon-socket", daemon=True).start()
+        self._worker.start()
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._stop.set())
@@ -241,7 +275,7 @@ class Daemon:
             if not alive(pid):
                 self._event("job gone", pid=pid, step=job.step, reason=job.stop_reason or "exited")
                 del self.jobs[pid]
-                self._sweep(job)
+                self._work.put((self._sweep, job))
                 continue
             if job.stopping is not None:
                 if now - job.stopping > self.config.grace:
@@ -277,7 +311,7 @@ class Daemon:
                           "last_snapshot": j.last_snapshot, "stopping": j.stop_reason or None,
                           "silent_s": time.monotonic() - j.last_beat} for j in self.jobs.values()],
                 "gpus": [asdict(g) for g in self.gpus], "bad_gpus": self.bad_gpus,
-                "backlog": sum(len(p.backlog) for p in self._uploaders.values()),
+                "backlog": sum(len(p.backlog) for p in list(self._uploaders.values())),
                 "host": asdict(host_report([os.path.dirname(self.config.socket)])),
                 "events": self.events[-20:],
             }
@@ -290,7 +324,10 @@ class Daemon:
 
     def close(self) -> None:
         self.server.close()
-        for up in self._uploaders.values():
+        self._work.put(None)
+        if self._worker.is_alive():
+            self._worker.join()
+        for up in list(self._uploaders.values()):
             up.close(wait=True)
         self.nvml.close()
         if self._metrics is not None:

@@ -10,9 +10,10 @@ import tempfile
 
 from ..errors import NoSnapshot
 from ..snapshot.manifest import step_dir
-from ..store import open_store, retention
+from ..persist import retention
+from ..persist.tiers import Tiers
+from ..store import open_store
 from ..store.file import FileStore
-from ..store.tiers import Tiers
 from .load import read_state
 
 

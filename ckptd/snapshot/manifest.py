@@ -22,6 +22,7 @@ FORMAT = "ckptd/1"
 MANIFEST = "ckptd.json"
 MAX_MANIFEST_BYTES = 256 << 20
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
+_ATTEMPT = re.compile(r"^[0-9a-f]{8,32}$")
 _PATH_KINDS = ("d", "l", "t")
 
 
@@ -30,6 +31,28 @@ def step_dir(step: int) -> str:
     if not isinstance(step, int) or not 0 <= step < 10**12:
         raise ValueError(f"step {step!r} must be an integer in [0, 10**12)")
     return f"step-{step:012d}"
+
+
+def manifest_key(step: int) -> str:
+    """The key of a snapshot's manifest: its existence is the commit."""
+    return f"{step_dir(step)}/{MANIFEST}"
+
+
+def attempt_prefix(step: int, attempt: str) -> str:
+    """Where one write attempt of ``step`` keeps its files in an object store: ``step-N/a-<attempt>``.
+
+    Every attempt has its own prefix, so a second writer of a step can never
+    overwrite the files of a committed one; only the manifest is shared, and
+    it is created exclusively.
+    """
+    return f"{step_dir(step)}/a-{check_attempt(attempt)}"
+
+
+def check_attempt(attempt: str) -> str:
+    """``attempt`` if it is a valid attempt id (8-32 lowercase hex digits), else ValueError."""
+    if not isinstance(attempt, str) or not _ATTEMPT.match(attempt):
+        raise ValueError(f"attempt id {attempt!r} is not 8-32 lowercase hex digits")
+    return attempt
 
 
 def parse_step_dir(name: str) -> int | None:
@@ -85,10 +108,24 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
+    attempt: str = ""
+    """The write attempt that made it; in an object store its files live under ``a-<attempt>/``."""
+    job: str = ""
+    """The job that wrote it (the lease holder's job id)."""
 
     @property
     def nbytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    def object_key(self, name: str) -> str:
+        """The key of data file ``name`` in an object store (local tiers keep files flat in ``step-N/``)."""
+        if self.attempt:
+            return f"{attempt_prefix(self.step, self.attempt)}/{name}"
+        return f"{step_dir(self.step)}/{name}"
+
+    def files_of(self, rank: int) -> tuple[FileEntry, ...]:
+        """The data files rank ``rank`` wrote."""
+        return tuple(f for f in self.files if f.rank == rank)
 
     @property
     def created_at(self) -> datetime:
@@ -143,7 +180,11 @@ def _parse(raw: dict, source: str) -> Manifest:
         items=items,
         metrics={str(k): float(v) for k, v in dict(raw.get("metrics", {})).items()},
         meta=dict(raw.get("meta", {})),
+        attempt=check_attempt(raw["attempt"]) if raw.get("attempt", "") != "" else "",
+        job=_short_str(raw.get("job", ""), "job"),
     )
+    if any(f.rank >= m.world_size for f in files):
+        raise ValueError(f"a file names a rank >= world_size {m.world_size}")
     m.created_at  # validates the timestamp
     return m
 
@@ -191,6 +232,12 @@ def _path_part(p) -> tuple[str, Any]:
     if isinstance(key, bool) or (isinstance(key, int) and kind != "d" and not 0 <= key < 1 << 31):
         raise ValueError(f"path key {key!r}")
     return (kind, key)
+
+
+def _short_str(v, name: str, limit: int = 256) -> str:
+    if not isinstance(v, str) or len(v) > limit:
+        raise ValueError(f"{name} must be a string of at most {limit} characters")
+    return v
 
 
 def _int(v, name: str, low: int = 0) -> int:

@@ -2,18 +2,24 @@
 
 The tensors and values go through ``torch.distributed.checkpoint.save`` with
 DCP's own file writer, so ``dcp.load`` reads a snapshot as it is. Each rank
-then checksums its own files, and rank 0 commits the manifest last.
+checksums its own files and writes its part record; rank 0 builds the
+manifest and every rank gets its bytes; each node's leader renames the
+finished attempt into place (``snapshot/dirs.py``). Every step between
+ranks is a collective that carries errors, so one rank's failure fails the
+snapshot on all of them instead of leaving the others waiting.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,11 +27,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
-from ..errors import SnapshotExists
+from ..errors import SnapshotError, SnapshotExists
 from ..store.checksum import DEFAULT_ALGO, file_checksum
-from ..store.file import FileStore
+from ..store.file import FileStore, fsync_dir, rename_noreplace
+from .dirs import LocalCommit, attempt_dir, partial_dir
 from .flatten import Leaf
 from .manifest import MANIFEST, FileEntry, Item, Manifest, step_dir, utc_now
+from .parts import PartRecord, part_name
 
 log = logging.getLogger("ckptd")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -33,28 +41,64 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled", categ
 
 @dataclass(frozen=True)
 class Ranks:
-    """This process's place in the job and the process group DCP may use."""
+    """This process's place in the job and the process group ckptd's collectives use."""
 
     rank: int = 0
     world_size: int = 1
     group: Any = None
+    leader: int = 0
+    """The lowest rank writing into this rank's local tier: it commits that tier's directory."""
+    whole: bool = True
+    """Every rank writes into one local tier, so a committed directory there holds every file."""
+    job: str = ""
+    """The job id recorded in manifests and part records."""
 
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def node_leader(self) -> bool:
+        return self.rank == self.leader
 
-def prepare_dir(store: FileStore, step: int, ranks: Ranks) -> str:
-    """Make an empty directory for ``step``; leftovers of a dead writer are removed."""
-    key = step_dir(step)
+
+def _gather(ranks: Ranks, value: Any, error: BaseException | None, what: str) -> list:
+    """Every rank's ``value``; if any rank failed ``what``, every rank raises, naming it."""
+    if not ranks.distributed:
+        if error is not None:
+            raise error
+        return [value]
+    gathered: list = [None] * ranks.world_size
+    note = None if error is None else f"{type(error).__name__}: {error}"
+    dist.all_gather_object(gathered, (value, note), group=ranks.group)
+    if error is not None:
+        raise error
+    failed = [(r, n) for r, (_v, n) in enumerate(gathered) if n is not None]
+    if failed:
+        r, note = failed[0]
+        if note.startswith("SnapshotExists"):
+            raise SnapshotExists(f"rank {r} {what}: {note.split(': ', 1)[-1]}")
+        raise SnapshotError(f"rank {r} failed {what}: {note}")
+    return [v for v, _n in gathered]
+
+
+def _attempt(store: FileStore, step: int, ranks: Ranks) -> str:
+    """Rank 0 draws the attempt id and refuses a step already committed here; all ranks agree."""
+    attempt, error = None, None
     if ranks.rank == 0:
-        if store.exists(f"{key}/{MANIFEST}"):
-            raise SnapshotExists(f"{store.uri}/{key} is already committed; a step is saved once")
-        store.delete_prefix(key)
-        os.makedirs(store.path_of(key))
-    if ranks.distributed:
-        dist.barrier(group=ranks.group)
-    return key
+        attempt = uuid.uuid4().hex[:16]
+        if ranks.whole and store.exists(f"{step_dir(step)}/{MANIFEST}"):
+            error = SnapshotExists(f"{store.uri}/{step_dir(step)} is already committed; a step is saved once")
+    return _gather(ranks, attempt, error, "starting the snapshot")[0]
+
+
+def _in_each(ranks: Ranks, what: str, fn: Callable[[], Any]) -> list:
+    """Run ``fn`` on every rank; every rank gets every result, or raises if any rank failed."""
+    try:
+        value, error = fn(), None
+    except Exception as e:  # delivered to every rank by _gather
+        value, error = None, e
+    return _gather(ranks, value, error, what)
 
 
 def write_dcp(directory: str, leaves: Sequence[Leaf], ranks: Ranks) -> list[Item]:
@@ -110,39 +154,23 @@ def _item(index, info, meta, path) -> Item:
 
 
 def checksum_files(directory: str, ranks: Ranks, algo: str = DEFAULT_ALGO) -> list[FileEntry]:
-    """Checksums of this rank's files; rank 0 also owns DCP's ``.metadata``."""
-    mine = f"__{ranks.rank}_"
-    names = sorted(n for n in os.listdir(directory) if n.startswith(mine) or (ranks.rank == 0 and n == ".metadata"))
-    entries = []
-    for name in names:
-        value, size = file_checksum(os.path.join(directory, name), algo)
-        entries.append(FileEntry(name, size, value, ranks.rank))
-    if ranks.distributed:
-        gathered: list = [None] * ranks.world_size
-        dist.all_gather_object(gathered, [e.__dict__ for e in entries], group=ranks.group)
-        entries = [FileEntry(**e) for part in gathered for e in part]
-    return entries
+    """Checksums of every rank's files, gathered; rank 0 also owns DCP's ``.metadata``."""
+    def mine() -> list[dict]:
+        prefix = f"__{ranks.rank}_"
+        names = sorted(n for n in os.listdir(directory) if n.startswith(prefix)
+                       or (ranks.rank == 0 and n == ".metadata"))
+        entries = []
+        for name in names:
+            value, size = file_checksum(os.path.join(directory, name), algo)
+            entries.append(FileEntry(name, size, value, ranks.rank).__dict__)
+        return entries
 
-
-def commit(store: FileStore, key: str, manifest: Manifest, ranks: Ranks) -> None:
-    """Rank 0 writes the manifest (exclusively); every rank returns once it is there."""
-    error = None
-    if ranks.rank == 0:
-        try:
-            store.commit(f"{key}/{MANIFEST}", manifest.to_json())
-        except Exception as e:  # re-raised below, after the other ranks were told
-            error = e
-    if ranks.distributed:
-        flag = [error is None]
-        dist.broadcast_object_list(flag, src=0, group=ranks.group)
-        if not flag[0] and error is None:
-            raise SnapshotExists(f"rank 0 could not commit {store.uri}/{key}")
-    if error is not None:
-        raise error
+    return [FileEntry(**e) for part in _in_each(ranks, "checksumming its files", mine) for e in part]
 
 
 def build_manifest(
-    step: int, files: list[FileEntry], items: list[Item], ranks: Ranks, *, metrics: dict, meta: dict
+    step: int, files: list[FileEntry], items: list[Item], ranks: Ranks, *, metrics: dict, meta: dict,
+    attempt: str = "",
 ) -> Manifest:
     return Manifest(
         step=step,
@@ -154,28 +182,85 @@ def build_manifest(
         items=tuple(items),
         metrics={k: float(v) for k, v in metrics.items()},
         meta=meta,
+        attempt=attempt,
+        job=ranks.job,
     )
 
 
-def write_snapshot(
-    store: FileStore, step: int, leaves: Sequence[Leaf], ranks: Ranks, *, metrics: dict, meta: dict
-) -> Manifest:
-    """Write, checksum and commit one snapshot into a local store; all ranks call it."""
-    t0 = time.monotonic()
-    key = prepare_dir(store, step, ranks)
-    directory = store.path_of(key)
+def _agree_manifest(step: int, files: list[FileEntry], items: list[Item], ranks: Ranks, attempt: str, *,
+                    metrics: dict, meta: dict) -> tuple[Manifest, bytes]:
+    """Rank 0 builds the manifest; every rank gets the same bytes (they are committed by whoever can)."""
+    def build() -> bytes | None:
+        if ranks.rank != 0:
+            return None
+        return build_manifest(step, files, items, ranks, metrics=metrics, meta=meta, attempt=attempt).to_json()
+
+    data = _in_each(ranks, "building the manifest", build)[0]
+    return Manifest.from_json(data, source=f"manifest of step {step}"), data
+
+
+def _finish(store: FileStore, directory: str, commit: LocalCommit, ranks: Ranks,
+            fence: Callable[[], None] | None) -> str:
+    """The node leader writes the manifest and renames the attempt into place; returns the final path."""
+    m = commit.manifest
+    final = store.path_of(step_dir(m.step) if ranks.whole else partial_dir(m.step, m.attempt))
+    with open(os.path.join(directory, MANIFEST), "wb") as f:
+        f.write(commit.data)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(directory)
+    if fence is not None:
+        fence()  # a writer that lost the store's lease commits nothing
+    os.makedirs(os.path.dirname(final), exist_ok=True)
     try:
+        rename_noreplace(directory, final)
+    except FileExistsError as e:
+        raise SnapshotExists(f"{store.uri}/{step_dir(m.step)} is already committed by another writer; "
+                             "a step is committed once, so this attempt was discarded") from e
+    fsync_dir(os.path.dirname(final))
+    return final
+
+
+def write_snapshot(
+    store: FileStore, step: int, leaves: Sequence[Leaf], ranks: Ranks, *, metrics: dict, meta: dict,
+    fence: Callable[[], None] | None = None,
+) -> LocalCommit:
+    """Write, checksum and commit one snapshot into a local store; every rank calls it.
+
+    The attempt is written in its own directory, a part record per rank
+    beside the files, then the node leader renames it into place. Only this
+    attempt's own directory is ever removed on failure. ``fence`` raises if
+    this writer may no longer commit (a lost lease).
+    """
+    t0 = time.monotonic()
+    attempt = _attempt(store, step, ranks)
+    directory = store.path_of(attempt_dir(step, attempt))
+    committed = False
+    try:
+        _in_each(ranks, "creating its attempt directory", lambda: os.makedirs(directory, exist_ok=True))
         items = write_dcp(directory, leaves, ranks)
         files = checksum_files(directory, ranks)
         meta = {**meta, "write_s": time.monotonic() - t0}
-        manifest = build_manifest(step, files, items, ranks, metrics=metrics, meta=meta)
+        manifest, data = _agree_manifest(step, files, items, ranks, attempt, metrics=metrics, meta=meta)
+        part = PartRecord.of(manifest, data, ranks.rank)
+        _in_each(ranks, "writing its part record",
+                 lambda: _write_synced(os.path.join(directory, part_name(ranks.rank)), part.to_json()))
         log.debug("ckptd: step %d: files written, committing", step)
-        commit(store, key, manifest, ranks)
-    except BaseException:
-        if ranks.rank == 0 and not store.exists(f"{key}/{MANIFEST}"):
-            store.delete_prefix(key)  # a partial snapshot only takes space (a full disk, say)
-        raise
-    return manifest
+        commit = LocalCommit(manifest, data, directory, ranks.whole)
+        finals = _in_each(ranks, "committing its local tier",
+                          lambda: _finish(store, directory, commit, ranks, fence) if ranks.node_leader else None)
+        committed = True
+    finally:
+        if not committed and ranks.node_leader:
+            shutil.rmtree(directory, ignore_errors=True)  # this attempt's own files, nobody else's
+    return LocalCommit(manifest, data, finals[ranks.leader], ranks.whole)
+
+
+def _write_synced(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def tensor_dtype(name: str) -> torch.dtype:

@@ -9,7 +9,7 @@ from ..snapshot.manifest import Manifest
 from ..snapshot.write import Ranks, write_snapshot
 from ..store import open_store
 from ..store.file import FileStore
-from ..store.transfer import upload_snapshot
+from ..persist.transfer import upload_snapshot
 from . import torchsnapshot_format as tsf
 from .export import from_torchsnapshot
 
@@ -21,7 +21,7 @@ def convert(source: str, dest: str, *, step: int = 0) -> Manifest:
     meta = {"converted_from": "torchsnapshot", "source": source}
     store = open_store(dest)
     if isinstance(store, FileStore):
-        return write_snapshot(store, step, leaves, Ranks(), metrics={}, meta=meta)
+        return write_snapshot(store, step, leaves, Ranks(), metrics={}, meta=meta).manifest
     with tempfile.TemporaryDirectory(prefix="ckptd-convert-") as tmp:
         local = FileStore(tmp)
         write_snapshot(local, step, leaves, Ranks(), metrics={}, meta=meta)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import CkptdError, SnapshotCorrupt
-from ..restore.find import read_manifest
+from ..restore.find import data_key, read_manifest
 from ..restore.verify import verify_dir
 from ..snapshot.manifest import step_dir
 from ..store.base import Store
@@ -22,18 +22,19 @@ def verify_snapshot(store: Store, step: int) -> list[str]:
     if isinstance(store, FileStore):
         return verify_dir(store.path_of(step_dir(step)), manifest)
     problems = []
-    sizes = {o.key.rsplit("/", 1)[-1]: o.size for o in store.list(step_dir(step))}
+    sizes = {o.key: o.size for o in store.list(step_dir(step))}
     for f in manifest.files:
-        if f.name not in sizes:
+        key = data_key(store, manifest, f.name)
+        if key not in sizes:
             problems.append(f"{f.name}: missing")
             continue
-        if sizes[f.name] != f.size:
-            problems.append(f"{f.name}: {sizes[f.name]} bytes, manifest says {f.size}")
+        if sizes[key] != f.size:
+            problems.append(f"{f.name}: {sizes[key]} bytes, manifest says {f.size}")
             continue
         cs = Checksum(manifest.checksum)
         try:
             for offset in range(0, f.size, _CHUNK):
-                cs.update(store.get_range(f"{step_dir(step)}/{f.name}", offset, min(_CHUNK, f.size - offset)))
+                cs.update(store.get_range(key, offset, min(_CHUNK, f.size - offset)))
         except CkptdError as e:
             problems.append(f"{f.name}: cannot read: {e}")
             continue

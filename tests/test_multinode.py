@@ -1,0 +1,165 @@
+"""Snapshots of many ranks on many nodes: whole in the object store or not committed; one writer per store."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ckptd
+from ckptd.errors import SnapshotError
+from ckptd.persist.commit import try_commit, upload_part
+from ckptd.persist.lease import Lease, LeaseLost, StoreInUse
+from ckptd.restore.find import read_manifest
+from ckptd.snapshot.manifest import manifest_key
+from ckptd.snapshot.parts import part_key
+from ckptd.store.file import FileStore
+from ckptd.store.s3 import S3Store
+from test_daemon import DaemonProc
+from test_distributed import WORKER
+from test_snapshot import make, run, train_step
+
+
+def launch_nodes(tmp_path, store: str, envs: list[dict], mode: str, tag: str) -> list[dict]:
+    """One gloo rank per simulated node, each with its own environment (daemon socket, local tier)."""
+    init = f"file://{tmp_path}/rdzv-{tag}"
+    procs = [
+        subprocess.Popen([sys.executable, WORKER, "--store", store, "--rank", str(r), "--world", str(len(envs)),
+                          "--init", init, "--mode", mode, "--out", str(tmp_path / f"{tag}-{r}.pt")],
+                         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r, env in enumerate(envs)
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=240)
+        assert p.returncode == 0, out[-3000:]
+    return [torch.load(tmp_path / f"{tag}-{r}.pt", weights_only=True) for r in range(len(envs))]
+
+
+def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckptd.cli", *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_two_nodes_with_their_own_daemons_commit_every_rank(s3env, tmp_path):
+    """Two daemons, two local tiers, one S3 prefix: every commit is whole; fresh nodes resume from S3."""
+    uri = f"s3://{s3env.make_bucket()}/two-nodes"
+    daemons = [DaemonProc(extra_env=s3env.env()) for _ in range(2)]
+    try:
+        envs = [{**s3env.env(), "CKPTD_SOCKET": d.socket, "CKPTD_LOCAL": str(tmp_path / f"node-{i}"),
+                 "CKPTD_JOB": "two-nodes"} for i, d in enumerate(daemons)]
+        finals = launch_nodes(tmp_path, uri, envs, "save", "save")
+    finally:
+        for d in daemons:
+            d.stop()
+    out = "\n".join(d.output() for d in daemons)
+    infos = [i for i in ckptd.list_snapshots(uri) if i.committed]
+    assert [(i.step, i.world_size) for i in infos] == [(2, 2), (5, 2)], out
+    res = cli("verify", uri, "--all", env=s3env.env())
+    assert res.returncode == 0 and "step 2: ok" in res.stdout and "step 5: ok" in res.stdout, res.stdout + res.stderr
+    fresh = [{**s3env.env(), "CKPTD_LOCAL": str(tmp_path / f"fresh-{i}"), "CKPTD_SOCKET": str(tmp_path / "none"),
+              "CKPTD_JOB": "two-nodes-again"} for i in range(2)]
+    for got in launch_nodes(tmp_path, uri, fresh, "restore", "restore"):
+        assert got["start"] == 6
+        assert torch.equal(got["model"]["0.weight"], finals[0]["model"]["0.weight"])
+
+
+@pytest.fixture
+def one_part(bucket, tmp_path):
+    """A local snapshot of step 3 and its manifest, with rank 0's part uploaded to S3."""
+    run(tmp_path / "local", 4)
+    local = FileStore(str(tmp_path / "local"))
+    data = local.get_bytes(manifest_key(3))
+    manifest = read_manifest(local, 3, data=data)
+    remote = S3Store(bucket, "parts")
+    upload_part(remote, str(tmp_path / "local" / "step-000000000003"), manifest, data, 0)
+    return remote, manifest, data
+
+
+def test_a_whole_part_commits(one_part):
+    remote, manifest, data = one_part
+    assert try_commit(remote, manifest, data) == []
+    assert remote.get_bytes(manifest_key(3)) == data
+    assert try_commit(remote, manifest, data) == [], "a peer finding it committed is success"
+
+
+@pytest.mark.parametrize("damage", ["object missing", "object short", "record lies", "record garbage",
+                                    "record huge", "record absent"])
+def test_a_part_that_is_not_whole_never_commits(one_part, damage):
+    remote, manifest, data = one_part
+    name = manifest.files_of(0)[0].name
+    record = part_key(3, manifest.attempt, 0)
+    if damage == "object missing":
+        remote.delete([manifest.object_key(name)])
+    elif damage == "object short":
+        remote.put_bytes(manifest.object_key(name), b"short")
+    elif damage == "record lies":
+        raw = json.loads(remote.get_bytes(record))
+        raw["files"][0]["size"] += 1
+        remote.put_bytes(record, json.dumps(raw).encode())
+    elif damage == "record garbage":
+        remote.put_bytes(record, b"\x00{not json")
+    elif damage == "record huge":
+        remote.put_bytes(record, b" " * (80 << 20))
+    else:
+        remote.delete([record])
+    problems = try_commit(remote, manifest, data)
+    assert len(problems) == 1 and ("rank 0" in problems[0]), problems
+    assert not remote.exists(manifest_key(3)), "nothing commits a snapshot that is not whole"
+    assert 3 not in [i.step for i in ckptd.list_snapshots(remote.uri) if i.committed]
+
+
+def test_a_second_job_is_refused_in_one_line_and_take_over_fences_the_first(tmp_path):
+    store = str(tmp_path / "store")
+    model, opt, sched, counter = make()
+    first = Lease(FileStore(store), job="first").acquire()
+    with pytest.raises(StoreInUse, match=r"in use by job first .*take_over=True") as e:
+        ckptd.Checkpointer(store, model=model, optimizer=opt, policy="every:1")
+    assert "\n" not in str(e.value)
+    ck = ckptd.Checkpointer(store, model=model, optimizer=opt, policy="every:1", take_over=True)
+    with pytest.raises(LeaseLost):
+        first.check()
+    first.release()
+    train_step(model, opt, sched, counter)
+    ck.step(0)
+    ck.close()
+    assert [i.step for i in ckptd.list_snapshots(store) if i.committed] == [0]
+
+
+def test_a_taken_over_job_commits_nothing_more(tmp_path):
+    store = str(tmp_path / "store")
+    model, opt, sched, counter = make()
+    ck = ckptd.Checkpointer(store, model=model, optimizer=opt, policy="every:1")
+    train_step(model, opt, sched, counter)
+    ck.step(0)
+    ck.wait()
+    thief = Lease(FileStore(store), job="thief", take_over=True).acquire()
+    try:
+        train_step(model, opt, sched, counter)
+        ck.step(1)
+        with pytest.raises(SnapshotError, match="step 1 failed: the lease .* taken over by job thief"):
+            ck.wait()
+    finally:
+        ck.close(timeout=10) if not ck._closed else None
+        thief.release()
+    assert [i.step for i in ckptd.list_snapshots(store) if i.committed] == [0]
+
+
+def test_failed_restore_to_leaves_no_directory(s3env, tmp_path):
+    uri = f"s3://{s3env.make_bucket()}/gone"
+    run(uri, 4, local=str(tmp_path / "tier"))
+    remote = open_remote(uri)
+    manifest = read_manifest(remote, 3)
+    remote.put_bytes(manifest.object_key(manifest.files_of(0)[0].name), b"damaged")
+    res = cli("restore", uri, "--step", "3", "--to", str(tmp_path / "back"), env=s3env.env())
+    assert res.returncode != 0 and "step-000000000003 does not verify" in res.stderr, res.stdout + res.stderr
+    assert not (tmp_path / "back").exists() or not os.listdir(tmp_path / "back")
+
+
+def open_remote(uri: str):
+    from ckptd.store import open_store
+    return open_store(uri)
+
