@@ -86,14 +86,16 @@ def ls_cmd(store: str, as_json: bool) -> None:
     infos = list_snapshots(_open(store))
     if as_json:
         _json([{"step": i.step, "created": i.created.isoformat(), "nbytes": i.nbytes, "committed": i.committed,
-                "state": "committed" if i.committed else "incomplete", "tiers": list(i.tiers),
-                "world_size": i.world_size, "uri": i.uri} for i in infos])
+                "state": i.state, "detail": i.detail, "tiers": list(i.tiers), "world_size": i.world_size,
+                "uri": i.uri} for i in infos])
         return
-    table = _table(f"{store}: {sum(i.committed for i in infos)} committed", ["step", "created", "size", "tiers",
-                                                                             "state", "ranks"])
+    why = any(i.detail for i in infos)
+    table = _table(f"{store}: {sum(i.committed for i in infos)} committed",
+                   ["step", "created", "size", "tiers", "state", "ranks"] + (["what it lacks"] if why else []))
     for i in infos:
+        state = i.state if i.committed else f"[yellow]{i.state}[/]"
         table.add_row(str(i.step), i.created.strftime("%Y-%m-%d %H:%M:%S"), _size(i.nbytes), ",".join(i.tiers),
-                      "committed" if i.committed else "[yellow]incomplete[/]", str(i.world_size or "-"))
+                      state, str(i.world_size or "-"), *([i.detail] if why else []))
     _print(table)
 
 

@@ -163,3 +163,42 @@ def open_remote(uri: str):
     from ckptd.store import open_store
     return open_store(uri)
 
+
+
+def test_torchrun_under_ckptd_run_commits_both_ranks_to_s3(s3env, tmp_path):
+    """`ckptd run --store s3://… -- torchrun --nproc-per-node 2 train.py`, tried as a new user would."""
+    uri = f"s3://{s3env.make_bucket()}/torchrun"
+    env = {**s3env.env(), "CKPTD_LOCAL": str(tmp_path / "node")}
+
+    def launch(mode: str, tag: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "ckptd.cli", "run", "--store", uri, "--max-restarts", "0",
+               "--socket", str(tmp_path / f"{tag}.sock"), "--", sys.executable, "-m", "torch.distributed.run",
+               "--standalone", "--nproc-per-node", "2", WORKER, "--store", uri, "--mode", mode,
+               "--out", str(tmp_path / f"{tag}-{{rank}}.pt")]
+        clean = {k: v for k, v in os.environ.items() if k not in ("CKPTD_JOB", "CKPTD_SOCKET")}
+        return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, timeout=180)
+
+    res = launch("save", "save")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    res = cli("verify", uri, "--all", env=s3env.env())
+    assert res.returncode == 0 and "step 5: ok" in res.stdout, res.stdout + res.stderr
+    lease = json.loads(S3Store(uri[5:].split("/")[0], "torchrun").get_bytes(".ckptd/lease-00000001.json"))
+    assert lease["job"].startswith("run-"), "ckptd run names the job for its lease"
+    finals = [torch.load(tmp_path / f"save-{r}.pt", weights_only=True) for r in range(2)]
+    env["CKPTD_LOCAL"] = str(tmp_path / "fresh-node")
+    res = launch("restore", "restore")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    for r in range(2):
+        got = torch.load(tmp_path / f"restore-{r}.pt", weights_only=True)
+        assert got["start"] == 6 and torch.equal(got["model"]["0.weight"], finals[0]["model"]["0.weight"])
+
+
+def test_ls_shows_an_uncommitted_step_and_what_it_lacks(one_part, s3env):
+    remote, _manifest, _data = one_part
+    res = cli("ls", remote.uri, env=s3env.env())
+    assert res.returncode == 0, res.stderr
+    row = next(line for line in res.stdout.splitlines() if line.lstrip("│ ").startswith("3"))
+    assert "incomplete" in row, res.stdout
+    listed = json.loads(cli("ls", remote.uri, "--json", env=s3env.env()).stdout)
+    assert [(r["step"], r["state"]) for r in listed] == [(3, "incomplete")]
+    assert "all 1 parts present" in listed[0]["detail"]
