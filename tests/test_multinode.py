@@ -87,7 +87,8 @@ def test_a_whole_part_commits(one_part):
 
 
 @pytest.mark.parametrize("damage", ["object missing", "object short", "record lies", "record garbage",
-                                    "record huge", "record absent"])
+                                    "record huge", "record absent", "record of another world",
+                                    "record of another attempt"])
 def test_a_part_that_is_not_whole_never_commits(one_part, damage):
     remote, manifest, data = one_part
     name = manifest.files_of(0)[0].name
@@ -99,6 +100,10 @@ def test_a_part_that_is_not_whole_never_commits(one_part, damage):
     elif damage == "record lies":
         raw = json.loads(remote.get_bytes(record))
         raw["files"][0]["size"] += 1
+        remote.put_bytes(record, json.dumps(raw).encode())
+    elif damage in ("record of another world", "record of another attempt"):
+        raw = json.loads(remote.get_bytes(record))
+        raw.update({"world_size": 2} if damage == "record of another world" else {"attempt": "0123abcd"})
         remote.put_bytes(record, json.dumps(raw).encode())
     elif damage == "record garbage":
         remote.put_bytes(record, b"\x00{not json")
@@ -165,7 +170,8 @@ def open_remote(uri: str):
 
 
 
-def test_torchrun_under_ckptd_run_commits_both_ranks_to_s3(s3env, tmp_path):
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_torchrun_under_ckptd_run_commits_every_rank_to_s3(s3env, tmp_path, nproc):
     """`ckptd run --store s3://… -- torchrun --nproc-per-node 2 train.py`, tried as a new user would."""
     uri = f"s3://{s3env.make_bucket()}/torchrun"
     env = {**s3env.env(), "CKPTD_LOCAL": str(tmp_path / "node")}
@@ -173,7 +179,7 @@ def test_torchrun_under_ckptd_run_commits_both_ranks_to_s3(s3env, tmp_path):
     def launch(mode: str, tag: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "ckptd.cli", "run", "--store", uri, "--max-restarts", "0",
                "--socket", str(tmp_path / f"{tag}.sock"), "--", sys.executable, "-m", "torch.distributed.run",
-               "--standalone", "--nproc-per-node", "2", WORKER, "--store", uri, "--mode", mode,
+               "--standalone", "--nproc-per-node", str(nproc), WORKER, "--store", uri, "--mode", mode,
                "--out", str(tmp_path / f"{tag}-{{rank}}.pt")]
         clean = {k: v for k, v in os.environ.items() if k not in ("CKPTD_JOB", "CKPTD_SOCKET")}
         return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, timeout=180)
@@ -184,11 +190,11 @@ def test_torchrun_under_ckptd_run_commits_both_ranks_to_s3(s3env, tmp_path):
     assert res.returncode == 0 and "step 5: ok" in res.stdout, res.stdout + res.stderr
     lease = json.loads(S3Store(uri[5:].split("/")[0], "torchrun").get_bytes(".ckptd/lease-00000001.json"))
     assert lease["job"].startswith("run-"), "ckptd run names the job for its lease"
-    finals = [torch.load(tmp_path / f"save-{r}.pt", weights_only=True) for r in range(2)]
+    finals = [torch.load(tmp_path / f"save-{r}.pt", weights_only=True) for r in range(nproc)]
     env["CKPTD_LOCAL"] = str(tmp_path / "fresh-node")
     res = launch("restore", "restore")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    for r in range(2):
+    for r in range(nproc):
         got = torch.load(tmp_path / f"restore-{r}.pt", weights_only=True)
         assert got["start"] == 6 and torch.equal(got["model"]["0.weight"], finals[0]["model"]["0.weight"])
 
