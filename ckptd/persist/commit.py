@@ -19,7 +19,7 @@ from typing import Callable
 
 from ..errors import ConfigError, SnapshotCorrupt, SnapshotExists, StoreError
 from ..snapshot.manifest import Manifest, attempt_prefix, manifest_key, step_dir
-from ..snapshot.parts import PartRecord, part_key
+from ..snapshot.parts import MAX_PART_BYTES, PartRecord, part_key
 from ..store.base import Progress, Store
 from ..store.file import FileStore
 
@@ -61,6 +61,10 @@ def missing(remote: Store, manifest: Manifest, data: bytes) -> list[str]:
         return [f"no part record of rank{'s' if len(absent) > 1 else ''} {_ranks(absent)} yet"]
     problems = []
     for rank, key in enumerate(keys):
+        if objects[key] > MAX_PART_BYTES:  # judged by its listed size, before reading a byte of it
+            problems.append(f"rank {rank}: {remote.uri}/{key} is {objects[key]} bytes, more than a part record "
+                            f"may be ({MAX_PART_BYTES}); remove it")
+            continue
         try:
             rec = PartRecord.from_json(remote.get_bytes(key), source=f"{remote.uri}/{key}")
         except SnapshotCorrupt as e:
