@@ -17,26 +17,12 @@ from ckptd.persist.lease import Lease, LeaseLost, StoreInUse
 from ckptd.restore.find import read_manifest
 from ckptd.snapshot.manifest import manifest_key
 from ckptd.snapshot.parts import part_key
+from ckptd.store import open_store
 from ckptd.store.file import FileStore
 from ckptd.store.s3 import S3Store
 from test_daemon import DaemonProc
-from test_distributed import WORKER
+from test_distributed import WORKER, launch
 from test_snapshot import make, run, train_step
-
-
-def launch_nodes(tmp_path, store: str, envs: list[dict], mode: str, tag: str) -> list[dict]:
-    """One gloo rank per simulated node, each with its own environment (daemon socket, local tier)."""
-    init = f"file://{tmp_path}/rdzv-{tag}"
-    procs = [
-        subprocess.Popen([sys.executable, WORKER, "--store", store, "--rank", str(r), "--world", str(len(envs)),
-                          "--init", init, "--mode", mode, "--out", str(tmp_path / f"{tag}-{r}.pt")],
-                         env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r, env in enumerate(envs)
-    ]
-    for p in procs:
-        out, _ = p.communicate(timeout=240)
-        assert p.returncode == 0, out[-3000:]
-    return [torch.load(tmp_path / f"{tag}-{r}.pt", weights_only=True) for r in range(len(envs))]
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -51,7 +37,7 @@ def test_two_nodes_with_their_own_daemons_commit_every_rank(s3env, tmp_path):
     try:
         envs = [{**s3env.env(), "CKPTD_SOCKET": d.socket, "CKPTD_LOCAL": str(tmp_path / f"node-{i}"),
                  "CKPTD_JOB": "two-nodes"} for i, d in enumerate(daemons)]
-        finals = launch_nodes(tmp_path, uri, envs, "save", "save")
+        finals = launch(tmp_path, uri, 2, "save", "save", envs)
     finally:
         for d in daemons:
             d.stop()
@@ -62,7 +48,7 @@ def test_two_nodes_with_their_own_daemons_commit_every_rank(s3env, tmp_path):
     assert res.returncode == 0 and "step 2: ok" in res.stdout and "step 5: ok" in res.stdout, res.stdout + res.stderr
     fresh = [{**s3env.env(), "CKPTD_LOCAL": str(tmp_path / f"fresh-{i}"), "CKPTD_SOCKET": str(tmp_path / "none"),
               "CKPTD_JOB": "two-nodes-again"} for i in range(2)]
-    for got in launch_nodes(tmp_path, uri, fresh, "restore", "restore"):
+    for got in launch(tmp_path, uri, 2, "restore", "restore", fresh):
         assert got["start"] == 6
         assert torch.equal(got["model"]["0.weight"], finals[0]["model"]["0.weight"])
 
@@ -156,17 +142,13 @@ def test_a_taken_over_job_commits_nothing_more(tmp_path):
 def test_failed_restore_to_leaves_no_directory(s3env, tmp_path):
     uri = f"s3://{s3env.make_bucket()}/gone"
     run(uri, 4, local=str(tmp_path / "tier"))
-    remote = open_remote(uri)
+    remote = open_store(uri)
     manifest = read_manifest(remote, 3)
     remote.put_bytes(manifest.object_key(manifest.files_of(0)[0].name), b"damaged")
     res = cli("restore", uri, "--step", "3", "--to", str(tmp_path / "back"), env=s3env.env())
     assert res.returncode != 0 and "step-000000000003 does not verify" in res.stderr, res.stdout + res.stderr
     assert not (tmp_path / "back").exists() or not os.listdir(tmp_path / "back")
 
-
-def open_remote(uri: str):
-    from ckptd.store import open_store
-    return open_store(uri)
 
 
 
@@ -176,7 +158,7 @@ def test_torchrun_under_ckptd_run_commits_every_rank_to_s3(s3env, tmp_path, npro
     uri = f"s3://{s3env.make_bucket()}/torchrun"
     env = {**s3env.env(), "CKPTD_LOCAL": str(tmp_path / "node")}
 
-    def launch(mode: str, tag: str) -> subprocess.CompletedProcess:
+    def ckptd_run(mode: str, tag: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "ckptd.cli", "run", "--store", uri, "--max-restarts", "0",
                "--socket", str(tmp_path / f"{tag}.sock"), "--", sys.executable, "-m", "torch.distributed.run",
                "--standalone", "--nproc-per-node", str(nproc), WORKER, "--store", uri, "--mode", mode,
@@ -184,7 +166,7 @@ def test_torchrun_under_ckptd_run_commits_every_rank_to_s3(s3env, tmp_path, npro
         clean = {k: v for k, v in os.environ.items() if k not in ("CKPTD_JOB", "CKPTD_SOCKET")}
         return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, timeout=180)
 
-    res = launch("save", "save")
+    res = ckptd_run("save", "save")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     res = cli("verify", uri, "--all", env=s3env.env())
     assert res.returncode == 0 and "step 5: ok" in res.stdout, res.stdout + res.stderr
@@ -192,7 +174,7 @@ def test_torchrun_under_ckptd_run_commits_every_rank_to_s3(s3env, tmp_path, npro
     assert lease["job"].startswith("run-"), "ckptd run names the job for its lease"
     finals = [torch.load(tmp_path / f"save-{r}.pt", weights_only=True) for r in range(nproc)]
     env["CKPTD_LOCAL"] = str(tmp_path / "fresh-node")
-    res = launch("restore", "restore")
+    res = ckptd_run("restore", "restore")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     for r in range(nproc):
         got = torch.load(tmp_path / f"restore-{r}.pt", weights_only=True)
