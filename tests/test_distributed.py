@@ -15,12 +15,12 @@ from _trainer import assert_tree_equal
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
 
 
-def launch(tmp_path, store, world, mode, tag, envs: list[dict] | None = None):
+def launch(tmp_path, store, world, mode, tag, envs: list[dict] | None = None, args: tuple[str, ...] = ()):
     """``world`` gloo ranks; ``envs`` gives each rank extra environment (a node's daemon socket, local tier)."""
     init = f"file://{tmp_path}/rdzv-{tag}"
     procs = [
         subprocess.Popen([sys.executable, WORKER, "--store", store, "--rank", str(r), "--world", str(world),
-                          "--init", init, "--mode", mode, "--out", str(tmp_path / f"{tag}-{r}.pt")],
+                          "--init", init, "--mode", mode, "--out", str(tmp_path / f"{tag}-{r}.pt"), *args],
                          env={**os.environ, **(envs[r] if envs else {})},
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for r in range(world)

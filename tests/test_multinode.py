@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
 
 import ckptd
 from ckptd.errors import SnapshotError
-from ckptd.persist.commit import try_commit, upload_part
+from ckptd.persist.commit import pruned_key, try_commit, upload_part
 from ckptd.persist.lease import Lease, LeaseLost, StoreInUse
+from ckptd.persist.retention import Retention, apply, delete_snapshot, plan
 from ckptd.restore.find import read_manifest
 from ckptd.snapshot.manifest import manifest_key
 from ckptd.snapshot.parts import part_key
@@ -190,3 +194,47 @@ def test_ls_shows_an_uncommitted_step_and_what_it_lacks(one_part, s3env):
     listed = json.loads(cli("ls", remote.uri, "--json", env=s3env.env()).stdout)
     assert [(r["step"], r["state"]) for r in listed] == [(3, "incomplete")]
     assert "all 1 parts present" in listed[0]["detail"]
+
+
+@pytest.mark.parametrize("when", ["register", "durable"])
+def test_a_node_whose_daemon_is_killed_uploads_its_own_part(s3env, tmp_path, when):
+    """SIGKILL one node's daemon as its rank joins or after its first commit: the rank takes over its
+    uploads; every commit is still whole, and the job ends."""
+    uri = f"s3://{s3env.make_bucket()}/daemon-killed"
+    daemons = [DaemonProc(extra_env=s3env.env()) for _ in range(2)]
+
+    def kill_when_registered() -> None:
+        deadline = time.monotonic() + 120
+        while f"daemon: {when}" not in daemons[1].output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        daemons[1].proc.send_signal(signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_registered, daemon=True)
+    try:
+        envs = [{**s3env.env(), "CKPTD_SOCKET": d.socket, "CKPTD_LOCAL": str(tmp_path / f"node-{i}"),
+                 "CKPTD_JOB": "daemon-killed"} for i, d in enumerate(daemons)]
+        killer.start()
+        launch(tmp_path, uri, 2, "save", "save", envs, args=("--steps", "12"))
+    finally:
+        killer.join(timeout=5)
+        for d in daemons:
+            d.stop()
+    assert daemons[1].proc.returncode == -signal.SIGKILL
+    infos = [i for i in ckptd.list_snapshots(uri) if i.committed]
+    assert [(i.step, i.world_size) for i in infos] == [(5, 2), (8, 2), (11, 2)], daemons[0].output()
+    res = cli("verify", uri, "--all", env=s3env.env())
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_rank_that_looks_after_retention_pruned_its_commit_still_sees_it_committed(one_part):
+    """A slow rank checks only after newer snapshots pushed its step out: committed, not missing."""
+    remote, manifest, data = one_part
+    assert try_commit(remote, manifest, data) == []
+    rule = Retention(keep_last=1)
+    delete_snapshot(remote, 3, committed=True)
+    assert not remote.list("step-000000000003")
+    assert try_commit(remote, manifest, data) == [], "retention removed a commit; the rank must learn it"
+    assert plan(remote, rule).strays == [], "the record stays for the grace period"
+    assert plan(remote, rule, now=time.time() + rule.grace + 1).strays == [pruned_key(3, manifest.attempt)]
+    apply(remote, Retention(keep_last=1, grace=0))
+    assert try_commit(remote, manifest, data) != [], "without the record, nothing says it was committed"

@@ -7,7 +7,10 @@ lists has the listed size, write the manifest with the store's exclusive
 ``commit``. Only that makes the snapshot exist. Uploaders of one attempt
 hold identical manifest bytes, so losing the commit race to a peer is
 success; a complete commit of another attempt is a refusal
-(SnapshotExists), and nothing of it is ever touched.
+(SnapshotExists), and nothing of it is ever touched. Retention leaves a
+small record of each committed attempt it removes, so an uploader that
+looks only after a newer snapshot pushed this one out still learns that it
+was committed.
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ from ..store.file import FileStore
 log = logging.getLogger("ckptd")
 
 _FILE_THREADS = 4
+PRUNED = ".ckptd/pruned"
+"""Where retention records the committed attempts it removed from an object store."""
+
+
+def pruned_key(step: int, attempt: str) -> str:
+    """The record that ``step``'s attempt ``attempt`` was committed and later removed by retention."""
+    return f"{PRUNED}/{step_dir(step)}-{attempt}"
 
 
 def parallel(fn: Callable[[str], None], names: list[str]) -> None:
@@ -83,7 +93,8 @@ def missing(remote: Store, manifest: Manifest, data: bytes) -> list[str]:
 
 
 def try_commit(remote: Store, manifest: Manifest, data: bytes) -> list[str]:
-    """Phase 2: commit if complete. Empty list: committed (by this call or a peer); else what is missing.
+    """Phase 2: commit if complete. Empty list: committed (by this call or a peer, maybe since pruned);
+    else what is missing.
 
     SnapshotExists when the step holds a complete commit of another attempt.
     """
@@ -92,7 +103,7 @@ def try_commit(remote: Store, manifest: Manifest, data: bytes) -> list[str]:
         return []
     problems = missing(remote, manifest, data)
     if problems:
-        return problems
+        return [] if remote.exists(pruned_key(manifest.step, manifest.attempt)) else problems
     try:
         remote.commit(key, data)
     except SnapshotExists:

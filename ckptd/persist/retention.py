@@ -4,7 +4,10 @@ Garbage is what no committed snapshot needs and no live writer can still
 be writing: uncommitted steps, attempts that lost the commit and, in a
 local tier, attempt and partial directories, each only once it is older
 than the grace period. Deletion removes the manifest first, so a
-half-deleted snapshot is never taken for a committed one.
+half-deleted snapshot is never taken for a committed one. In an object
+store, a committed attempt that is removed leaves a tiny record under
+``.ckptd/pruned/`` for the grace period: a rank still waiting to see it
+committed then knows it was.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..snapshot.dirs import ATTEMPTS, DOWNLOADS, PARTIAL, parse_named
 from ..snapshot.manifest import MANIFEST, Manifest, manifest_key, parse_step_dir, step_dir
 from ..store.base import Store
 from ..store.file import FileStore
+from .commit import PRUNED, pruned_key
 
 log = logging.getLogger("ckptd")
 
@@ -70,6 +74,8 @@ def plan(store: Store, rule: Retention, *, protect: frozenset[int] = frozenset()
     strays = [k for s in committed if s in kept for k in _losers(store, s, objects[s], rule.grace, now)]
     if isinstance(store, FileStore):
         strays += _dead_local(store, rule.grace, now, protect)
+    else:
+        strays += [o.key for o in store.list(PRUNED) if now - o.mtime >= rule.grace]
     return Plan(sorted(s for s in committed if s not in kept), sorted(stale), strays)
 
 
@@ -109,8 +115,15 @@ def _dead_local(store: FileStore, grace: float, now: float, protect: frozenset[i
     return out
 
 
-def delete_snapshot(store: Store, step: int) -> None:
-    """Remove one snapshot, manifest first."""
+def delete_snapshot(store: Store, step: int, *, committed: bool = False) -> None:
+    """Remove one snapshot, manifest first; a ``committed`` one of an object store leaves its pruned record."""
+    if committed and not isinstance(store, FileStore):
+        try:
+            attempt = Manifest.from_json(store.get_bytes(manifest_key(step)), source=manifest_key(step)).attempt
+        except SnapshotCorrupt:
+            attempt = ""
+        if attempt:
+            store.put_bytes(pruned_key(step, attempt), b"")
     store.delete([f"{step_dir(step)}/{MANIFEST}"])
     _delete_prefix(store, step_dir(step))
 
@@ -125,7 +138,9 @@ def _delete_prefix(store: Store, prefix: str) -> None:
 def apply(store: Store, rule: Retention, *, protect: frozenset[int] = frozenset()) -> Plan:
     """Delete what :func:`plan` selects; return it."""
     p = plan(store, rule, protect=protect)
-    for step in p.committed + p.incomplete:
+    for step in p.committed:
+        delete_snapshot(store, step, committed=True)
+    for step in p.incomplete:
         delete_snapshot(store, step)
     local_dirs = [k for k in p.strays if k.startswith((ATTEMPTS + "/", PARTIAL + "/", DOWNLOADS))]
     for key in local_dirs:
