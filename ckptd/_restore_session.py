@@ -19,11 +19,11 @@ from .snapshot.write import Ranks
 _ERRORS = {cls.__name__: cls for cls in (NoGoodSnapshot, NoSnapshot, SnapshotCorrupt)}
 
 
-def choose(tiers: Tiers, ranks: Ranks, group, step: int | None) -> Manifest | None:
-    """The manifest to restore (local copy verified on every node), None if the store holds none."""
+def choose(tiers: Tiers, ranks: Ranks, group, step: int | None, *, below: int | None = None) -> Manifest | None:
+    """The manifest to restore (local copy verified on every node; older than ``below`` if given), None if
+    the store holds none."""
     if not ranks.distributed:
-        return tiers.newest_good(step)
-    below: int | None = None
+        return tiers.newest_good(step, below=below)
     tried: list[str] = []
     while True:
         proposal = _propose(tiers, ranks, group, step, below)
@@ -66,6 +66,14 @@ def _ensure_everywhere(tiers: Tiers, ranks: Ranks, group, step: int) -> tuple[Ma
         if bad:
             return None, f"rank {bad[0][0]}: {bad[0][1]}"
     return manifest, None
+
+
+def agree(ranks: Ranks, group, problem: str | None) -> str | None:
+    """Every rank's ``problem`` with the snapshot in hand; the first one found, the same on every rank."""
+    if not ranks.distributed:
+        return problem
+    bad = [(r, p) for r, p in enumerate(_gather(ranks, group, problem)) if p]
+    return f"rank {bad[0][0]}: {bad[0][1]}" if bad else None
 
 
 def _try(fn) -> tuple[Manifest | None, str | None]:

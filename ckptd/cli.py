@@ -137,7 +137,7 @@ def verify_cmd(store: str, step: int | None, all_: bool) -> None:
     from .tools.verify import verify_snapshot
 
     st = _open(store)
-    steps = [i.step for i in list_snapshots(st) if i.committed] if all_ else [
+    steps = [i.step for i in list_snapshots(st) if i.committed or i.state == "corrupt"] if all_ else [
         newest_committed(st) if step is None else step]
     bad = 0
     for s in steps:
@@ -169,7 +169,8 @@ def _progress(total: int, label: str):
 @_user_errors
 def restore_cmd(store: str, step: int | None, dest: str) -> None:
     """Materialise a snapshot (e.g. from S3) as a local snapshot directory that dcp.load reads."""
-    from .restore.find import read_manifest
+    from .errors import NoGoodSnapshot, SnapshotCorrupt, SnapshotExists, StoreError
+    from .restore.find import list_snapshots, read_manifest
     from .store.file import FileStore
     from .persist.transfer import download_snapshot
     from .tools import torchsnapshot_format as tsf
@@ -182,10 +183,24 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
         click.echo(f"converted torchsnapshot {store} into {dest}/step-{m.step:012d}")
         return
     src = _open(store)
-    step = newest_committed(src) if step is None else step
-    bar, advance = _progress(read_manifest(src, step).nbytes, f"step {step}")
-    with bar:
-        m = download_snapshot(src, step, FileStore(dest), progress=advance)
+    steps = [step] if step is not None else [newest_committed(src)] + [
+        i.step for i in reversed(list_snapshots(src)) if i.committed or i.state == "corrupt"]
+    bad: list[str] = []
+    for s in dict.fromkeys(steps):
+        try:
+            bar, advance = _progress(read_manifest(src, s).nbytes, f"step {s}")
+            with bar:
+                m = download_snapshot(src, s, FileStore(dest), progress=advance)
+            break
+        except SnapshotExists:
+            raise
+        except (SnapshotCorrupt, StoreError) as e:  # a defect of this one snapshot: try the next older
+            if step is not None:
+                raise
+            click.echo(f"ckptd: skipping step-{s:012d}: {e}", err=True)
+            bad.append(f"step-{s:012d}: {e}")
+    else:
+        raise NoGoodSnapshot(f"no snapshot in {src.uri} verifies: " + "; ".join(bad), problems=bad)
     click.echo(f"restored step {m.step} to {FileStore(dest).path_of(f'step-{m.step:012d}')} (verified)")
 
 
@@ -290,8 +305,13 @@ def plot_cmd(store: str, output: str) -> None:
 @click.option("--hang-factor", type=float, envvar="CKPTD_HANG_FACTOR", default=10.0, show_default=True)
 @click.option("--hang-floor", type=float, envvar="CKPTD_HANG_FLOOR", default=60.0, show_default=True)
 @click.option("--grace", type=float, envvar="CKPTD_GRACE", default=30.0, show_default=True)
+@click.option("--max-clients", type=click.IntRange(min=1), envvar="CKPTD_MAX_CLIENTS", default=256, show_default=True,
+              help="Connections served at once; more get an error reply (CKPTD_MAX_CLIENTS).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0.1), envvar="CKPTD_IDLE_TIMEOUT", default=600.0,
+              show_default=True, help="Seconds before a silent connection is closed (CKPTD_IDLE_TIMEOUT).")
 @_user_errors
-def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace) -> None:
+def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace, max_clients,
+               idle_timeout) -> None:
     """The node sidecar: GPU and host health, hang detection, uploads that outlive the trainer."""
     import logging
 
@@ -304,7 +324,8 @@ def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows what the daemon is doing
     cfg = DaemonConfig(socket=socket_path or default_socket(), store=store, metrics_port=metrics_port, poll=poll,
-                       hang_factor=hang_factor, hang_floor=hang_floor, grace=grace)
+                       hang_factor=hang_factor, hang_floor=hang_floor, grace=grace, max_clients=max_clients,
+                       idle_timeout=idle_timeout)
     Daemon(cfg).run()
 
 

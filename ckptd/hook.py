@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from . import _job
 from ._persist_client import PersistClient
-from ._restore_session import choose
+from ._restore_session import agree, choose
 from .config import CheckpointerConfig
-from .errors import CkptdError, ConfigError, NoGoodSnapshot, NoSnapshot, SnapshotError
+from .errors import CkptdError, ConfigError, NoGoodSnapshot, NoSnapshot, SnapshotCorrupt, SnapshotError
 from .measure import Measurements
 from .persist import retention
 from .persist.lease import env_job_id
@@ -43,7 +43,7 @@ from .snapshot.dirs import LocalCommit
 from .snapshot.failures import FailureLog, SnapshotFailedWarning
 from .snapshot.flatten import Leaf, flatten
 from .snapshot.lifecycle import SnapshotHandle, SnapshotState
-from .snapshot.manifest import step_dir
+from .snapshot.manifest import Manifest, step_dir
 from .snapshot.rng import restore_rng
 from .snapshot.stage import HostPool, make_stager
 from .snapshot.write import write_snapshot
@@ -256,7 +256,7 @@ class Checkpointer:
         """Load the newest verified snapshot (or ``step``); return the next step to run, 0 if none."""
         self._check_open()
         try:
-            manifest = choose(self.tiers, self._ranks, self._decide_group, step)
+            manifest, state = self._read_agreed(step)
         except NoGoodSnapshot as e:
             if self.config.on_bad_snapshots != "start_over":
                 raise
@@ -269,7 +269,7 @@ class Checkpointer:
             self._progress.event("restored", step=None)
             return 0
         directory = self.store.path_of(step_dir(manifest.step))
-        rng = self.state.apply(read_state(directory, manifest), rank=self._ranks.rank)
+        rng = self.state.apply(state, rank=self._ranks.rank)
         if self._attach_mode and manifest.meta.get("attach"):
             self._catch_up_schedulers()
         notes = restore_rng(rng or {}, reseed=manifest.step * 1000 + self._ranks.rank)
@@ -283,6 +283,31 @@ class Checkpointer:
         log.info("ckptd: restored step %d from %s", manifest.step, directory)
         self._progress.event("restored", step=manifest.step)
         return manifest.step + 1
+
+    def _read_agreed(self, step: int | None) -> tuple[Manifest | None, Any]:
+        """The snapshot every rank restores and this rank's state of it; a snapshot that fails to read on
+        any rank is skipped for the next older one (unless ``step`` was asked for)."""
+        below, bad = None, []
+        while True:
+            manifest = choose(self.tiers, self._ranks, self._decide_group, step, below=below)
+            if manifest is None:
+                if bad:
+                    raise NoGoodSnapshot(f"no snapshot in {self.store.uri} can be read: " + "; ".join(bad),
+                                         problems=bad)
+                return None, None
+            state, problem = None, None
+            try:
+                state = read_state(self.store.path_of(step_dir(manifest.step)), manifest)
+            except (SnapshotCorrupt, OSError, ValueError) as e:
+                problem = str(e)
+            problem = agree(self._ranks, self._decide_group, problem)
+            if problem is None:
+                return manifest, state
+            if step is not None:
+                raise SnapshotCorrupt(f"{step_dir(step)} cannot be read: {problem}")
+            warnings.warn(f"ckptd: skipping {step_dir(manifest.step)}: {problem}", stacklevel=3)
+            bad.append(f"{step_dir(manifest.step)}: {problem}")
+            below = manifest.step
 
     def _catch_up_schedulers(self) -> None:
         # attach() snapshots inside optimizer.step(), before the loop's scheduler.step().

@@ -8,6 +8,7 @@ Never pickle. Every message is a JSON object with ``v`` (the version) and
 from __future__ import annotations
 
 import json
+import math
 import socket
 import struct
 from dataclasses import asdict, dataclass, field, fields
@@ -15,6 +16,9 @@ from typing import Any
 
 VERSION = 1
 MAX_FRAME = 1 << 20
+MAX_DEVICES = 1024
+MAX_TEXT = 4096
+"""Longest string field (a store URI, a path, a job id or an error) a message may carry."""
 _HEADER = struct.Struct(">I")
 
 
@@ -133,15 +137,20 @@ def _check(msg: Any) -> None:
         if f.name in ("pid", "rank", "step", "world_size") and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise ProtocolError(f"{type(msg).__name__}.{f.name} must be an integer >= 0")
-        if f.name in ("store", "path", "error", "local", "job") and not isinstance(value, str):
-            raise ProtocolError(f"{type(msg).__name__}.{f.name} must be a string")
+        if f.name in ("pid", "rank", "step", "world_size") and value >= 1 << 62:
+            raise ProtocolError(f"{type(msg).__name__}.{f.name} {value} is out of range")
+        if f.name in ("store", "path", "error", "local", "job") and (
+                not isinstance(value, str) or len(value) > MAX_TEXT):
+            raise ProtocolError(f"{type(msg).__name__}.{f.name} must be a string of at most {MAX_TEXT} characters")
     if isinstance(msg, Register):
-        if not isinstance(msg.devices, (list, tuple)) or not all(
-                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in msg.devices):
-            raise ProtocolError("Register.devices must be a list of device numbers")
+        if not isinstance(msg.devices, (list, tuple)) or len(msg.devices) > MAX_DEVICES or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DEVICES for d in msg.devices):
+            raise ProtocolError(f"Register.devices must be a list of at most {MAX_DEVICES} device numbers")
         object.__setattr__(msg, "devices", tuple(msg.devices))
-    if isinstance(msg, Heartbeat) and msg.step_time is not None and not isinstance(msg.step_time, (int, float)):
-        raise ProtocolError("Heartbeat.step_time must be a number")
+    if isinstance(msg, Heartbeat) and msg.step_time is not None and (
+            isinstance(msg.step_time, bool) or not isinstance(msg.step_time, (int, float))
+            or not math.isfinite(msg.step_time) or msg.step_time < 0):
+        raise ProtocolError("Heartbeat.step_time must be a finite number of seconds >= 0")
     if isinstance(msg, Reply):
         try:
             _check_reply(msg)

@@ -1,4 +1,9 @@
-"""The daemon's Unix socket: mode 0600, peer uid checked with SO_PEERCRED, one thread per client."""
+"""The daemon's Unix socket: mode 0600, peer uid checked with SO_PEERCRED, one thread per client.
+
+Hostile or merely crowded clients cost an error reply, never a dead handler:
+connections are bounded, idle ones time out, a reply that cannot be encoded
+becomes an error reply, and the listen backlog holds a burst of ranks.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import os
 import socket
 import socketserver
 import struct
+import threading
 from typing import Any, Callable
 
 from .protocol import ProtocolError, Reply, decode, encode, read_frame
@@ -41,13 +47,24 @@ class _Conn(socketserver.BaseRequestHandler):
             log.warning("ckptd daemon: refused a connection from uid %d (pid %d)", uid, pid)
             self._send(Reply(ok=False, error=f"uid {uid} may not talk to this daemon (uid {os.getuid()})"))
             return
+        if not server.admit():
+            self._send(Reply(ok=False, error=f"the daemon serves at most {server.max_clients} connections at once; "
+                                             "retry later"))
+            return
+        try:
+            self._serve(server, pid)
+        finally:
+            server.leave()
+
+    def _serve(self, server: "SocketServer", pid: int) -> None:
+        self.request.settimeout(server.idle_timeout)
         while True:
             try:
                 body = read_frame(self.request)
             except ProtocolError as e:
                 self._send(Reply(ok=False, error=str(e)))
                 return
-            except OSError:
+            except OSError:  # includes the idle timeout: the client reconnects when it needs to
                 return
             if body is None:
                 return
@@ -63,7 +80,12 @@ class _Conn(socketserver.BaseRequestHandler):
 
     def _send(self, reply: Reply) -> bool:
         try:
-            self.request.sendall(encode(reply))
+            frame = encode(reply)
+        except (ValueError, TypeError) as e:  # ProtocolError (too large) is a ValueError too
+            log.error("ckptd daemon: a reply could not be encoded (%s); sent an error instead", e)
+            frame = encode(Reply(ok=False, error=f"daemon error: the reply could not be encoded ({e})"[:1000]))
+        try:
+            self.request.sendall(frame)
             return True
         except OSError:
             return False
@@ -73,9 +95,15 @@ class SocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     """Serves ``handler`` on ``path`` (created 0600; a stale socket file is replaced). Thread-safe handler required."""
 
     daemon_threads = True
+    request_queue_size = 512
+    """listen() backlog: a burst of ranks connecting at once waits here instead of being refused."""
 
-    def __init__(self, path: str, handler: Handler) -> None:
+    def __init__(self, path: str, handler: Handler, *, max_clients: int = 256, idle_timeout: float = 600.0) -> None:
         self.handler = handler
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout
+        self._clients = 0
+        self._clients_lock = threading.Lock()
         os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
         if os.path.exists(path):
             _remove_stale(path)
@@ -86,6 +114,18 @@ class SocketServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             os.umask(old)
         os.chmod(path, 0o600)
         self.path = path
+
+    def admit(self) -> bool:
+        """Count one more connection, or False when ``max_clients`` are open."""
+        with self._clients_lock:
+            if self._clients >= self.max_clients:
+                return False
+            self._clients += 1
+            return True
+
+    def leave(self) -> None:
+        with self._clients_lock:
+            self._clients -= 1
 
     def close(self) -> None:
         self.shutdown()

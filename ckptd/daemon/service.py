@@ -51,6 +51,10 @@ class DaemonConfig:
     """Seconds from SIGTERM to SIGKILL when stopping a job."""
     degraded_risk: float = 20.0
     """Risk factor sent to the jobs of a degraded GPU."""
+    max_clients: int = 256
+    """Connections served at once; more get an error reply."""
+    idle_timeout: float = 600.0
+    """Seconds a connection may stay silent before the daemon closes it (hooks reconnect)."""
 
     @property
     def state_file(self) -> str:
@@ -101,7 +105,8 @@ class Daemon:
         """Uploads and sweeps, run by one thread: nothing that touches the network holds ``_lock``."""
         self._worker = threading.Thread(target=self._work_loop, name="ckptd-daemon-work", daemon=True)
         self.nvml = NvmlHealthSource()
-        self.server = SocketServer(config.socket, self.handle)
+        self.server = SocketServer(config.socket, self.handle, max_clients=config.max_clients,
+                                   idle_timeout=config.idle_timeout)
         self._metrics = None
         if config.metrics_port is not None:
             from .metrics import Metrics
@@ -111,10 +116,19 @@ class Daemon:
     # -- messages -------------------------------------------------------------
 
     def handle(self, msg: Any, peer_pid: int) -> Reply:
+        pid = getattr(msg, "pid", None)
+        if pid is not None and not is_self_or_descendant(pid, peer_pid):
+            return Reply(ok=False, error=f"pid {pid} is neither this connection's process ({peer_pid}) nor one of "
+                                         "its children; a hook registers its own pid")
         with self._lock:
             if isinstance(msg, Register):
-                self.jobs[msg.pid] = Job(msg.pid, msg.rank, msg.devices, msg.store or (self.config.store or ""),
-                                         msg.local, msg.job, msg.world_size)
+                old = self.jobs.get(msg.pid)
+                job = Job(msg.pid, msg.rank, msg.devices, msg.store or (self.config.store or ""), msg.local, msg.job,
+                          msg.world_size)
+                if old is not None and (old.store, old.job) == (job.store, job.job):  # reconnected
+                    job.step, job.commands, job.durable, job.failed = old.step, old.commands, old.durable, old.failed
+                    job.last_snapshot = old.last_snapshot
+                self.jobs[msg.pid] = job
                 self._event("register", pid=msg.pid, rank=msg.rank, devices=list(msg.devices))
                 return Reply()
             if isinstance(msg, Status):
@@ -332,6 +346,22 @@ class Daemon:
         self.nvml.close()
         if self._metrics is not None:
             self._metrics.close()
+
+
+def is_self_or_descendant(pid: int, ancestor: int) -> bool:
+    """True if ``pid`` is ``ancestor`` or below it in the process tree (read from /proc)."""
+    seen = 0
+    while pid > 1 and seen < 4096:
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            pid = int(stat[stat.rindex(b")") + 2:].split()[1])  # the field after the state letter: ppid
+        except (OSError, ValueError, IndexError):
+            return False
+        seen += 1
+    return pid == ancestor
 
 
 def _signal(pid: int, sig: int) -> None:

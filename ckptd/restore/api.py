@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import tempfile
+import warnings
+
 import torch
 
-import tempfile
-
-from ..errors import NoSnapshot
-from ..snapshot.manifest import step_dir
+from ..errors import NoSnapshot, SnapshotCorrupt
+from ..snapshot.manifest import Manifest, step_dir
 from ..persist import retention
 from ..persist.tiers import Tiers
 from ..store import open_store
@@ -27,10 +28,7 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
         tiers = Tiers(opened, local=None if isinstance(opened, FileStore) else tmp, rank=0, world_size=1,
                       rule=retention.Retention(keep_last=1))
         try:
-            manifest = tiers.newest_good(step)
-            if manifest is None:
-                raise NoSnapshot(f"{opened.uri} holds no committed snapshot that verifies")
-            state = read_state(tiers.local.path_of(step_dir(manifest.step)), manifest)
+            manifest, state = _newest_readable(tiers, step)
         finally:
             tiers.close()
     if str(map_location) != "cpu":
@@ -44,6 +42,23 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
         **manifest.meta,
     }
     return state
+
+
+def _newest_readable(tiers: Tiers, step: int | None) -> tuple[Manifest, dict[str, Any]]:
+    """The asked or newest snapshot that verifies and reads; one that fails to read is skipped too."""
+    below = None
+    while True:
+        manifest = tiers.newest_good(step, below=below)
+        if manifest is None:
+            raise NoSnapshot(f"{tiers.local.uri if tiers.remote is None else tiers.remote.uri} holds no "
+                             "committed snapshot that verifies")
+        try:
+            return manifest, read_state(tiers.local.path_of(step_dir(manifest.step)), manifest)
+        except SnapshotCorrupt as e:
+            if step is not None:
+                raise
+            warnings.warn(f"ckptd: skipping {step_dir(manifest.step)}: {e}", stacklevel=3)
+            below = manifest.step
 
 
 def _to(obj: Any, device: Any) -> Any:

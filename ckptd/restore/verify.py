@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import stat
 
-from ..errors import ConfigError
+from ..errors import CkptdError
 from ..snapshot.manifest import Manifest
 from ..store.checksum import file_checksum
+from ..store.file import file_kind
 
 
 def verify_dir(directory: str, manifest: Manifest) -> list[str]:
@@ -16,22 +18,33 @@ def verify_dir(directory: str, manifest: Manifest) -> list[str]:
     for f in manifest.files:
         path = os.path.join(directory, f.name)
         try:
-            size = os.path.getsize(path)
+            st = os.lstat(path)
         except FileNotFoundError:
             problems.append(f"{f.name}: missing")
             continue
-        sizes[f.name] = size
+        except OSError as e:
+            problems.append(f"{f.name}: cannot be read: {e.strerror or e}")
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            problems.append(f"{f.name}: {file_kind(st.st_mode)}, not a regular file")
+            continue
+        size = sizes[f.name] = st.st_size
         if size != f.size:
             problems.append(f"{f.name}: {size} bytes, manifest says {f.size}")
             continue
         try:
             value, _ = file_checksum(path, manifest.checksum)
-        except ConfigError as e:
+        except (CkptdError, OSError) as e:
             problems.append(f"{f.name}: cannot verify: {e}")
             continue
         if value != f.checksum:
             problems.append(f"{f.name}: {manifest.checksum} {value}, manifest says {f.checksum}")
-    for item in manifest.items:
-        if item.kind != "empty" and item.file in sizes and item.offset + item.length > sizes[item.file]:
-            problems.append(f"{item.fqn}: bytes {item.offset}+{item.length} lie past the end of {item.file}")
-    return problems
+    return problems + check_items(manifest, sizes)
+
+
+def check_items(manifest: Manifest, sizes: dict[str, int]) -> list[str]:
+    """Items whose bytes lie outside their file (``sizes``: file name → real size); the one bounds check
+    that verify, restore and download share."""
+    return [f"{item.fqn}: bytes {item.offset}+{item.length} lie past the end of {item.file}"
+            for item in manifest.items
+            if item.kind != "empty" and item.file in sizes and item.offset + item.length > sizes[item.file]]

@@ -21,6 +21,13 @@ from ..store.keys import check_key
 FORMAT = "ckptd/1"
 MANIFEST = "ckptd.json"
 MAX_MANIFEST_BYTES = 256 << 20
+MAX_FILE_BYTES = 1 << 46
+"""No data file of a snapshot is larger (64 TiB): a manifest declaring more is damaged or hostile."""
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
+            "complex32": 4, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2,
+            "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1,
+            "float8_e5m2fnuz": 1}
+"""Bytes per element of every dtype a snapshot may hold, by the name the manifest uses (no torch here)."""
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
 _ATTEMPT = re.compile(r"^[0-9a-f]{8,32}$")
 _PATH_KINDS = ("d", "l", "t")
@@ -185,6 +192,10 @@ def _parse(raw: dict, source: str) -> Manifest:
     )
     if any(f.rank >= m.world_size for f in files):
         raise ValueError(f"a file names a rank >= world_size {m.world_size}")
+    for item in items:
+        if item.kind == "tensor" and item.nbytes > m.nbytes:
+            raise ValueError(f"tensor {item.fqn!r} declares {item.nbytes} bytes, more than the snapshot's "
+                             f"{m.nbytes}")
     m.created_at  # validates the timestamp
     return m
 
@@ -194,7 +205,10 @@ def _file(f: dict) -> FileEntry:
     if not isinstance(name, str) or "/" in name or name in ("", ".", ".."):
         raise UnsafeSnapshot(f"manifest names file {name!r} outside its snapshot directory")
     check_key(name)
-    return FileEntry(name, _int(f["size"], "size"), str(f["checksum"]), _int(f.get("rank", 0), "rank"))
+    size = _int(f["size"], "size")
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"file {name!r} declares {size} bytes, more than any snapshot file ({MAX_FILE_BYTES})")
+    return FileEntry(name, size, str(f["checksum"]), _int(f.get("rank", 0), "rank"))
 
 
 def _item(i: dict, files: set[str], source: str) -> Item:
@@ -207,7 +221,7 @@ def _item(i: dict, files: set[str], source: str) -> Item:
     path = tuple(_path_part(p) for p in i["path"])
     if not path or path[0][0] != "d" or not isinstance(path[0][1], str):
         raise ValueError(f"item {i.get('fqn')!r} has no top-level key")
-    return Item(
+    item = Item(
         fqn=str(i["fqn"]),
         path=path,
         kind=i["kind"],
@@ -221,6 +235,32 @@ def _item(i: dict, files: set[str], source: str) -> Item:
         chunk_sizes=tuple(_int(s, "chunk_sizes") for s in i.get("chunk_sizes", ())),
         empty=str(i.get("empty", "")),
     )
+    if item.kind == "tensor":
+        _check_tensor(item)
+    return item
+
+
+def _check_tensor(item: Item) -> None:
+    """A tensor item's shape, chunk, dtype and sizes agree, so nothing absurd is ever allocated."""
+    if item.dtype not in ITEMSIZE:
+        raise ValueError(f"tensor {item.fqn!r} has dtype {item.dtype!r}, not one ckptd reads")
+    dims = len(item.shape)
+    if len(item.chunk_offsets) != dims or len(item.chunk_sizes) != dims:
+        raise ValueError(f"tensor {item.fqn!r}: its chunk has another number of dimensions than its shape")
+    if any(o + n > d for o, n, d in zip(item.chunk_offsets, item.chunk_sizes, item.shape)):
+        raise ValueError(f"tensor {item.fqn!r}: its chunk lies outside its shape {item.shape}")
+    size = ITEMSIZE[item.dtype]
+    if _numel(item.shape) * size != item.nbytes:
+        raise ValueError(f"tensor {item.fqn!r}: shape {item.shape} of {item.dtype} is not its {item.nbytes} bytes")
+    if _numel(item.chunk_sizes) * size > item.length:
+        raise ValueError(f"tensor {item.fqn!r}: its chunk needs more bytes than its record's {item.length}")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _path_part(p) -> tuple[str, Any]:

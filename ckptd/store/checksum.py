@@ -12,6 +12,7 @@ import zlib
 from typing import Callable
 
 from ..errors import ConfigError
+from .file import open_regular
 
 _CHUNK = 8 << 20
 
@@ -54,7 +55,7 @@ def file_checksum(path: str, algo: str = DEFAULT_ALGO) -> tuple[str, int]:
     view = memoryview(buf)
     size = 0
     try:
-        with open(path, "rb", buffering=0) as f:
+        with open_regular(path) as f:
             while n := f.readinto(view):
                 cs.update(view[:n])
                 size += n

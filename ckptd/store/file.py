@@ -6,11 +6,12 @@ import ctypes
 import errno
 import os
 import shutil
+import stat
 import tempfile
 import uuid
-from typing import Sequence
+from typing import BinaryIO, Sequence
 
-from ..errors import SnapshotExists, StoreError, StoreUnreachable
+from ..errors import SnapshotExists, StoreError, StoreUnreachable, UnsafeSnapshot
 from .base import ObjectInfo, Progress
 from .keys import check_key
 
@@ -52,6 +53,40 @@ def rename_noreplace(src: str, dst: str) -> None:
     if os.path.lexists(dst):
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
     os.rename(src, dst)
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open a file of a store for reading; UnsafeSnapshot unless it is a regular file.
+
+    A store is hostile ground: ``O_NOFOLLOW`` refuses a symlink (or a loop of
+    them) and ``O_NONBLOCK`` keeps a FIFO from blocking the open forever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UnsafeSnapshot(f"{path} is a symbolic link; ckptd reads only regular files from a store, "
+                                 "so replace it with the file itself") from e
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UnsafeSnapshot(f"{path} is {file_kind(mode)}, not a regular file; remove it")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "not a regular file"
 
 
 class FileStore:
@@ -123,11 +158,12 @@ class FileStore:
         if os.path.abspath(path) == src:
             return
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "wb") as f:
-            _copy_into(src, f, progress)
+        with open_regular(src) as s, open(path, "wb") as f:
+            _copy(s, f, progress)
 
     def exists(self, key: str) -> bool:
-        return os.path.isfile(self.path_of(key))
+        """True if anything is at ``key``: a FIFO or a directory there is a defect for the reader, not absence."""
+        return os.path.lexists(self.path_of(key))
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         base = self.path_of(prefix) if prefix else self.root
@@ -136,7 +172,7 @@ class FileStore:
             for name in files:
                 full = os.path.join(dirpath, name)
                 try:
-                    st = os.stat(full)
+                    st = os.lstat(full)  # a symlink is listed as itself; reading it is refused
                 except FileNotFoundError:
                     continue
                 rel = os.path.relpath(full, self.root).replace(os.sep, "/")
@@ -164,11 +200,13 @@ class FileStore:
     def close(self) -> None:
         pass
 
-    def _open(self, key: str):
+    def _open(self, key: str) -> BinaryIO:
         try:
-            return open(self.path_of(key), "rb")
+            return open_regular(self.path_of(key))
         except FileNotFoundError as e:
             raise StoreError(f"{self.uri}/{key} does not exist") from e
+        except OSError as e:
+            raise StoreError(f"cannot read {self.uri}/{key}: {e.strerror or e}") from e
 
     def _write_temp(self, dest: str, write) -> str:
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -191,11 +229,15 @@ class FileStore:
 
 
 def _copy_into(src: str, f, progress: Progress | None) -> None:
-    with open(src, "rb") as s:
-        while chunk := s.read(_COPY_CHUNK):
-            f.write(chunk)
-            if progress is not None:
-                progress(len(chunk))
+    with open_regular(src) as s:
+        _copy(s, f, progress)
+
+
+def _copy(src: BinaryIO, f, progress: Progress | None) -> None:
+    while chunk := src.read(_COPY_CHUNK):
+        f.write(chunk)
+        if progress is not None:
+            progress(len(chunk))
 
 
 def _unlink_quietly(path: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import CkptdError, SnapshotCorrupt
 from ..restore.find import data_key, read_manifest
-from ..restore.verify import verify_dir
+from ..restore.verify import check_items, verify_dir
 from ..snapshot.manifest import step_dir
 from ..store.base import Store
 from ..store.checksum import Checksum
@@ -23,6 +23,7 @@ def verify_snapshot(store: Store, step: int) -> list[str]:
         return verify_dir(store.path_of(step_dir(step)), manifest)
     problems = []
     sizes = {o.key: o.size for o in store.list(step_dir(step))}
+    whole = {}
     for f in manifest.files:
         key = data_key(store, manifest, f.name)
         if key not in sizes:
@@ -40,4 +41,6 @@ def verify_snapshot(store: Store, step: int) -> list[str]:
             continue
         if cs.hexdigest() != f.checksum:
             problems.append(f"{f.name}: {manifest.checksum} {cs.hexdigest()}, manifest says {f.checksum}")
-    return problems
+            continue
+        whole[f.name] = f.size
+    return problems + check_items(manifest, whole)

@@ -1,0 +1,140 @@
+"""A store's files are hostile: a FIFO, a symlink, a directory, absurd sizes, a garbage manifest.
+
+Each costs one clear error for that snapshot and a fall back to the next older
+one, never a hang, a traceback, or a copy printed as "(verified)".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from test_snapshot import run
+
+STEP3 = "step-000000000003"
+DAMAGES = ["data fifo", "data symlink loop", "data directory", "data symlink to a good copy", "absurd shape",
+           "item length 1e15", "garbage manifest", "manifest fifo", "manifest directory", "absurd file size"]
+
+
+def _rewrite_manifest(path: str, change) -> None:
+    with open(path) as f:
+        raw = json.load(f)
+    raw.pop("digest")
+    change(raw)
+    canon = json.dumps(raw, sort_keys=True, separators=(",", ":"))
+    raw["digest"] = hashlib.sha256(canon.encode()).hexdigest()  # a hostile writer recomputes the digest
+    with open(path, "w") as f:
+        json.dump(raw, f)
+
+
+def damage(store: str, how: str, outside: str) -> None:
+    snap = os.path.join(store, STEP3)
+    manifest = os.path.join(snap, "ckptd.json")
+    data = os.path.join(snap, "__0_0.distcp")
+    if how.startswith("data"):
+        shutil.copy(data, os.path.join(outside, "copy.distcp"))
+        os.unlink(data)
+        if how == "data fifo":
+            os.mkfifo(data)
+        elif how == "data symlink loop":
+            os.symlink(data, data)
+        elif how == "data directory":
+            os.mkdir(data)
+        else:
+            os.symlink(os.path.join(outside, "copy.distcp"), data)
+    elif how == "absurd shape":
+        def change(raw):
+            item = next(i for i in raw["items"] if i["kind"] == "tensor")
+            item["shape"] = item["chunk_sizes"] = [10**7, 10**7]
+            item["chunk_offsets"] = [0, 0]
+            item["nbytes"] = 4 * 10**14
+        _rewrite_manifest(manifest, change)
+    elif how == "item length 1e15":
+        _rewrite_manifest(manifest, lambda raw: next(i for i in raw["items"] if i["kind"] == "tensor").update(
+            length=10**15))
+    elif how == "absurd file size":
+        _rewrite_manifest(manifest, lambda raw: raw["files"][0].update(size=10**15))
+    elif how == "garbage manifest":
+        with open(manifest, "wb") as f:
+            f.write(b"\x00{garbage")
+    else:
+        os.unlink(manifest)
+        os.mkfifo(manifest) if how == "manifest fifo" else os.mkdir(manifest)
+
+
+@pytest.fixture
+def hostile(tmp_path, request):
+    store = str(tmp_path / "store")
+    run(store, 4)  # steps 1 and 3
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    damage(store, request.param, str(outside))
+    return store
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ckptd.cli", *args], capture_output=True, text=True, timeout=60)
+
+
+RESTORE = """
+import sys, warnings, ckptd
+sys.path.insert(0, {tests!r})
+from test_snapshot import make, ckpt_for
+model, opt, sched, counter = make(5)
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    with ckpt_for({store!r}, model, opt, sched, counter) as ck:
+        start = ck.restore()
+    loaded = ckptd.load({store!r})["meta"]["step"]
+print(start, loaded, "|".join(str(w.message) for w in seen))
+"""
+
+
+@pytest.mark.parametrize("hostile", DAMAGES, indirect=True)
+def test_the_python_restore_falls_back_to_the_older_snapshot(hostile):
+    code = RESTORE.format(tests=os.path.dirname(__file__), store=hostile)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    start, loaded, warned = res.stdout.strip().split(" ", 2)
+    assert (start, loaded) == ("2", "1"), res.stdout
+    assert STEP3 in warned, "the skipped snapshot is named"
+
+
+@pytest.mark.parametrize("hostile", DAMAGES, indirect=True)
+def test_verify_calls_it_corrupt_and_exits_1(hostile):
+    res = cli("verify", hostile, "--all")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    line = next(line for line in res.stdout.splitlines() if "step 3" in line)
+    assert "CORRUPT" in line, res.stdout
+    assert "step 1: ok" in res.stdout
+
+
+@pytest.mark.parametrize("hostile", DAMAGES, indirect=True)
+def test_cli_restore_refuses_it_and_falls_back_when_no_step_is_named(hostile, tmp_path):
+    named = cli("restore", hostile, "--step", "3", "--to", str(tmp_path / "named"))
+    assert named.returncode != 0 and "Traceback" not in named.stderr, named.stdout + named.stderr
+    assert "(verified)" not in named.stdout and "step-000000000003" in named.stderr, named.stderr
+    assert not (tmp_path / "named" / STEP3).exists()
+    newest = cli("restore", hostile, "--to", str(tmp_path / "newest"))
+    assert newest.returncode == 0, newest.stderr
+    assert "restored step 1" in newest.stdout and "skipping step-000000000003" in newest.stderr, newest.stderr
+
+
+def test_a_snapshot_that_verifies_but_cannot_be_read_is_skipped_too(tmp_path):
+    """A manifest that lies about a dtype (same width, digest recomputed) passes the checksums; reading finds it."""
+    store = str(tmp_path / "store")
+    run(store, 4)
+    _rewrite_manifest(os.path.join(store, STEP3, "ckptd.json"), lambda raw: next(
+        i for i in raw["items"] if i["kind"] == "tensor" and i["dtype"] == "float32").update(dtype="int32"))
+    code = RESTORE.format(tests=os.path.dirname(__file__), store=store)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr[-3000:]
+    start, loaded, warned = res.stdout.strip().split(" ", 2)
+    assert (start, loaded) == ("2", "1") and f"skipping {STEP3}" in warned and "int32" in warned, res.stdout
