@@ -34,25 +34,26 @@ def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
-def test_two_nodes_with_their_own_daemons_commit_every_rank(s3env, tmp_path):
-    """Two daemons, two local tiers, one S3 prefix: every commit is whole; fresh nodes resume from S3."""
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_nodes_with_their_own_daemons_commit_every_rank(s3env, tmp_path, nodes):
+    """A daemon and a local tier per node, one S3 prefix: every commit is whole; fresh nodes resume from S3."""
     uri = f"s3://{s3env.make_bucket()}/two-nodes"
-    daemons = [DaemonProc(extra_env=s3env.env()) for _ in range(2)]
+    daemons = [DaemonProc(extra_env=s3env.env()) for _ in range(nodes)]
     try:
         envs = [{**s3env.env(), "CKPTD_SOCKET": d.socket, "CKPTD_LOCAL": str(tmp_path / f"node-{i}"),
                  "CKPTD_JOB": "two-nodes"} for i, d in enumerate(daemons)]
-        finals = launch(tmp_path, uri, 2, "save", "save", envs)
+        finals = launch(tmp_path, uri, nodes, "save", "save", envs)
     finally:
         for d in daemons:
             d.stop()
     out = "\n".join(d.output() for d in daemons)
     infos = [i for i in ckptd.list_snapshots(uri) if i.committed]
-    assert [(i.step, i.world_size) for i in infos] == [(2, 2), (5, 2)], out
+    assert [(i.step, i.world_size) for i in infos] == [(2, nodes), (5, nodes)], out
     res = cli("verify", uri, "--all", env=s3env.env())
     assert res.returncode == 0 and "step 2: ok" in res.stdout and "step 5: ok" in res.stdout, res.stdout + res.stderr
     fresh = [{**s3env.env(), "CKPTD_LOCAL": str(tmp_path / f"fresh-{i}"), "CKPTD_SOCKET": str(tmp_path / "none"),
-              "CKPTD_JOB": "two-nodes-again"} for i in range(2)]
-    for got in launch(tmp_path, uri, 2, "restore", "restore", fresh):
+              "CKPTD_JOB": "two-nodes-again"} for i in range(nodes)]
+    for got in launch(tmp_path, uri, nodes, "restore", "restore", fresh):
         assert got["start"] == 6
         assert torch.equal(got["model"]["0.weight"], finals[0]["model"]["0.weight"])
 
