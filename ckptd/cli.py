@@ -123,6 +123,25 @@ def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
         for t in rows:
             table.add_row(t["name"], str(tuple(t["shape"])), t["dtype"], _size(t["nbytes"]))
         _print(table)
+    for group, values in (info.get("groups") or {}).items():
+        table = _table(f"{group}: values", ["name", "value"])
+        for name, value in _leaves(values):
+            table.add_row(name, value)
+        _print(table)
+
+
+def _leaves(value, prefix: str = ""):
+    """(dotted name, short text) for each plain value in a nest; lists of scalars stay on one line."""
+    import json
+
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix or "-", value if isinstance(value, str) else json.dumps(value)
 
 
 @main.command("verify")

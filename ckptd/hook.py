@@ -38,7 +38,7 @@ from .preempt import EXIT_PREEMPTED, PreemptionWatch
 from .progress import ProgressWriter
 from .restore.find import SnapshotInfo
 from .restore.load import read_state
-from .snapshot.capture import TrainingState
+from .snapshot.capture import TrainingState, summarize
 from .snapshot.dirs import LocalCommit
 from .snapshot.failures import FailureLog, SnapshotFailedWarning
 from .snapshot.flatten import Leaf, flatten
@@ -82,6 +82,7 @@ class Checkpointer:
         optimizer: Any = None,
         scheduler: Any = None,
         extra: dict[str, Any] | None = None,
+        loader: Any = None,
         policy: Any = None,
         **options: Any,
     ) -> None:
@@ -89,7 +90,8 @@ class Checkpointer:
         store = store if store is not None else os.environ.get("CKPTD_STORE")
         if not store:
             raise ConfigError("no store given: pass a path or URI, or set CKPTD_STORE")
-        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra)
+        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra,
+                                   loader=loader)
         self.policy = _resolve_policy(policy)
         self._closed = True  # until every resource below exists; close() then releases what was made
         self._hooks: list = []
@@ -337,7 +339,8 @@ class Checkpointer:
                     "faster than they persist, so lengthen the interval", step)
             self._pool_free.wait()
         handle = SnapshotHandle(step, started=time.monotonic())
-        leaves = flatten(self.state.capture(self._ranks.rank))
+        captured = self.state.capture(self._ranks.rank)
+        leaves = flatten(captured)
         tensors = {leaf.fqn: leaf.value for leaf in leaves if isinstance(leaf.value, torch.Tensor)}
         bufs = self._pool.buffers_for(tensors, step=step)
         deferred = self.state.deferred_ptrs() if self.config.overlap else set()
@@ -351,7 +354,7 @@ class Checkpointer:
         handle.staged = self._stager.copy(later_pairs, wait=False)
         self._pending_stage = handle.staged
         meta = {"attach": self._attach_mode, "pool_bytes": self._pool.nbytes, "pid": os.getpid(),
-                "policy": _policy_note(self.policy)}
+                "policy": _policy_note(self.policy), "groups": summarize(captured)}
         handle.stall = time.perf_counter() - t0
         with self._lock:
             self._inflight.append(handle)
