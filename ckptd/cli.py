@@ -456,48 +456,83 @@ def _seconds(text: str) -> float:
 
 
 @main.group("policy", invoke_without_command=True)
-@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--stall", default="20s", show_default=True, help="Training stall per snapshot.")
-@click.option("--persist", default="90s", show_default=True, help="Time until a snapshot is durable.")
-@click.option("--size", default="10", show_default=True, help="Snapshot size in GB (storage cost).")
-@click.option("--per-gpu-hour", type=float, default=None, help="Failures per GPU-hour (default: Llama 3).")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs the job uses.")
+@click.option("--stall", default="0.5s", show_default=True,
+              help="Training stall per snapshot (the hook measures it; `ckptd status` shows it).")
+@click.option("--persist", default="10s", show_default=True, help="Time until a snapshot is durable (lower bound).")
+@click.option("--size", default="1", show_default=True, help="Snapshot size in GB (storage cost).")
+@click.option("--per-gpu-hour", type=float, default=None, help="Hardware failures per GPU-hour (default: Llama 3).")
+@click.option("--job-rate", type=float, default=None,
+              help="Job-level failures per hour: software, operator, preemption (default: Llama 3's software).")
+@click.option("--failures", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Failures the job has met so far (`ckptd run` counts its restarts).")
+@click.option("--hours", type=float, default=0.0, show_default=True, help="Hours the job has run so far.")
 @click.option("--risk", type=float, default=1.0, show_default=True, help="Live risk multiplier.")
-@click.option("--gpu-hour-usd", type=float, default=2.0, show_default=True)
+@click.option("--gpu-hour-usd", type=float, default=2.0, show_default=True, help="Price of one GPU-hour.")
+@click.option("--json", "as_json", is_flag=True, help="The numbers as JSON.")
 @click.pass_context
-def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, risk, gpu_hour_usd) -> None:
-    """The snapshot interval the default policy picks, and where each input came from."""
+def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures, hours, risk, gpu_hour_usd,
+               as_json) -> None:
+    """The snapshot interval the default policy picks, and the numbers it came from."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
     from rich.table import Table
 
     from .errors import CkptdError
-    from .policy import LLAMA3_PER_GPU_HOUR, PolicyContext, RiskAwarePolicy
+    from .policy import LLAMA3_JOB_PER_HOUR, LLAMA3_PER_GPU_HOUR, PolicyContext, RiskAwarePolicy
 
     try:
-        p = RiskAwarePolicy(fleet_rate=per_gpu_hour or LLAMA3_PER_GPU_HOUR, gpu_hour_usd=gpu_hour_usd)
+        p = RiskAwarePolicy(fleet_rate=LLAMA3_PER_GPU_HOUR if per_gpu_hour is None else per_gpu_hour,
+                            job_rate=LLAMA3_JOB_PER_HOUR if job_rate is None else job_rate,
+                            gpu_hour_usd=gpu_hour_usd)
         if risk > 1:
             p.raise_risk(risk, reason="--risk", now=0.0)
+        p.record_hours(hours)
+        p.record_failure(failures)
         d = p.decide(PolicyContext(step=0, now=0.0, steps_since=0, seconds_since=0.0, step_time=None,
                                    stall=_seconds(stall), persist=_seconds(persist), in_flight=0, gpus=gpus,
                                    nbytes=int(float(size) * 1e9)))
     except (CkptdError, ValueError) as e:
         raise click.ClickException(str(e)) from None
-    rate_src = "--per-gpu-hour" if per_gpu_hour else "Llama 3 405B: 19.7 per 10^6 GPU-hours"
-    table = Table(title=f"snapshot every {d['interval']:.0f} s ({d['bound']} bound)", show_header=True)
-    for col in ("input", "value", "from"):
+    if as_json:
+        _json(d)
+        return
+    hw = "--per-gpu-hour" if per_gpu_hour is not None else "Llama 3 405B: 19.7 per 10^6 GPU-h"
+    job = "--job-rate" if job_rate is not None else "Llama 3 405B software + dependency: 56 in 54 days"
+    budget = p.stall_budget
+    table = Table(title=f"snapshot every {_duration(d['interval'])} ({d['bound']} bound)")
+    for col in ("", "number", "value", "from"):
         table.add_column(col)
-    table.add_row("GPUs", str(gpus), "--gpus")
-    table.add_row("failure rate", f"{d['per_gpu_hour'] * 1e6:.1f} per 10^6 GPU-h", rate_src)
-    table.add_row("live risk", f"x{d['risk']:.2f}", "--risk")
-    table.add_row("job MTBF", f"{d['mtbf_s'] / 3600:.2f} h", "rate x GPUs x risk")
-    table.add_row("stall", f"{d['stall_s']:.1f} s", "--stall (the hook measures it)")
-    table.add_row("money", f"${d['dollars_per_snapshot']:.4f} = {d['money_s']:.3f} s",
-                  f"S3 list prices, {size} GB, ${gpu_hour_usd}/GPU-h")
-    table.add_row("persist", f"{d['persist_s']:.0f} s", "--persist (lower bound)")
-    table.add_row("Daly interval", f"{d['daly']:.0f} s", "Daly (2006), C = stall + money")
-    table.add_row("expected waste", f"{d['expected_waste'] * 100:.2f} %", "Daly's model with restart and persist")
-    Console().print(table)
+    rows = [
+        ("rate", "hardware", f"{d['hardware_per_hour']:.2g} /h", f"{gpus} GPU(s) x {hw}"),
+        ("", "job-level", f"{d['job_per_hour']:.2g} /h", job),
+        ("", "failures seen", f"{failures} in {hours:g} h", "--failures/--hours (ckptd run: its restarts)"),
+        ("", "estimate", f"{d['per_hour']:.2g} /h", "Gamma-Poisson: prior worth 5 failures, updated"),
+        ("", "live risk", f"x{d['risk']:.2f}", "--risk (the daemon raises it on degraded GPUs)"),
+        ("", "job MTBF", _duration(d["mtbf_s"]), "1 / (estimate x risk)"),
+        ("cost", "stall", f"{d['stall_s']:.2f} s", "--stall (the hook measures it)"),
+        ("", "money", f"${d['dollars_per_snapshot']:.5f} = {d['money_s']:.3f} s",
+         f"S3 list prices, {size} GB kept 3 times, ${gpu_hour_usd}/GPU-h"),
+        ("", "C", f"{d['cost_s']:.2f} s", "stall + money"),
+        ("interval", "Daly", _duration(d["daly"]), "Daly (2006) from C and MTBF"),
+        ("", "persist", _duration(d["persist_s"] or 0), "--persist: lower bound"),
+        ("", "stall budget", _duration(d["stall_s"] / budget / d["risk"]) if budget and d["stall_s"] else "-",
+         f"stall <= {budget:.0%} of training: lower bound" if budget else "off"),
+        ("", "max interval", _duration(p.max_interval), "upper bound"),
+        ("", "chosen", _duration(d["interval"]), f"the {d['bound']} bound"),
+        ("waste", "expected", f"{d['expected_waste'] * 100:.3f} %", "Daly's model, with restart and persist"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    _print(table)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @policy_cmd.command("simulate")

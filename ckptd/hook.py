@@ -49,6 +49,7 @@ from .snapshot.stage import HostPool, make_stager
 from .snapshot.write import write_snapshot
 from .store import open_store
 from .store.file import FileStore
+from .supervisor import run_history
 
 log = logging.getLogger("ckptd")
 
@@ -150,6 +151,11 @@ class Checkpointer:
         if self._preempt is not None:
             self._opened.append(self._preempt.uninstall)
         self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.state.optimizers]
+        self._failures_told = 0
+        restarts, seconds = run_history()
+        if seconds and callable(getattr(self.policy, "record_hours", None)):
+            self.policy.record_hours(seconds / 3600.0)
+        self._record_failures(restarts)
 
     def _release(self) -> None:
         """Release what ``_open`` acquired, newest first; later failures do not hide earlier ones."""
@@ -433,6 +439,16 @@ class Checkpointer:
                 self.request_snapshot(cmd.reason)
             elif cmd.kind == "raise_risk" and callable(getattr(self.policy, "raise_risk", None)):
                 self.policy.raise_risk(cmd.factor, reason=cmd.reason)
+            elif cmd.kind == "failures":  # the restarts under `ckptd run` already counted some of them
+                self._record_failures(int(cmd.factor) - self._failures_told)
+
+    def _record_failures(self, n: int) -> None:
+        """Tell the policy of ``n`` more failures this job met (restarts, faults the daemon stopped it for)."""
+        if n <= 0 or not callable(getattr(self.policy, "record_failure", None)):
+            return
+        self._failures_told += n
+        self.policy.record_failure(n)
+        log.info("ckptd: the policy counts %d failure(s) of this job so far", self._failures_told)
 
     # -- errors -------------------------------------------------------------
 

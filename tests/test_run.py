@@ -103,3 +103,24 @@ def test_slurm_requeue_runs_the_documented_scontrol_commands(tmp_path, monkeypat
         Supervisor(cfg, bad_gpus=lambda: {0, 1}).run()
     assert log.read_text().splitlines() == ["requeuehold 4242", "update JobId=4242 ExcNodeList=gpu-node-7",
                                             "release 4242"]
+
+
+REPORT_POLICY = """
+import sys, torch, ckptd
+ck = ckptd.Checkpointer(sys.argv[1], model=torch.nn.Linear(2, 2))
+with open(sys.argv[2], "a") as f:
+    print(ck.policy.rate.failures, file=f)
+ck.close()
+launches = len(open(sys.argv[2]).readlines())
+sys.exit(0 if launches == 3 else 3)  # fail twice, then succeed
+"""
+
+
+def test_restarts_under_ckptd_run_reach_the_policy(tmp_path):
+    script, report = tmp_path / "job.py", tmp_path / "failures.txt"
+    script.write_text(REPORT_POLICY)
+    res = ckptd_run("--store", str(tmp_path / "s"), "--backoff", "0.05", "--", sys.executable, str(script),
+                    str(tmp_path / "s"), str(report))
+    assert res.returncode == 0, res.stderr[-3000:]
+    failures = [int(line.split()[0]) for line in report.read_text().splitlines()]
+    assert failures == [0, 1, 2]  # each launch's policy knows the restarts before it

@@ -91,6 +91,8 @@ class Daemon:
         self.started = time.monotonic()
         self.jobs: dict[int, Job] = {}
         self.bad_gpus: dict[int, str] = {}
+        self.faults: dict[str, int] = {}
+        """Faults this daemon stopped each job (by job id) for; told to its next launch's policy."""
         self.events: list[dict[str, Any]] = []
         self.gpus: list[GpuReport] = []
         self._lock = threading.RLock()
@@ -116,6 +118,10 @@ class Daemon:
                 self.jobs[msg.pid] = Job(msg.pid, msg.rank, msg.devices, msg.store or (self.config.store or ""),
                                          msg.local, msg.job, msg.world_size)
                 self._event("register", pid=msg.pid, rank=msg.rank, devices=list(msg.devices))
+                if self.faults.get(msg.job):
+                    n = self.faults[msg.job]
+                    self.jobs[msg.pid].commands.append(
+                        Command("failures", f"this daemon stopped job {msg.job} {n} time(s) for faults", n))
                 return Reply()
             if isinstance(msg, Status):
                 return Reply(status=self.status())
@@ -290,6 +296,8 @@ class Daemon:
 
     def _stop_job(self, job: Job, reason: str) -> None:
         job.stopping, job.stop_reason = time.monotonic(), reason
+        if not any(j.job == job.job and j.stopping is not None for j in self.jobs.values() if j is not job):
+            self.faults[job.job] = self.faults.get(job.job, 0) + 1  # one fault stops every rank: count it once
         self._event("stop job", pid=job.pid, reason=reason)
         _signal(job.pid, signal.SIGTERM)
 
