@@ -11,26 +11,50 @@ import click
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckptd")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also CKPTD_DEBUG=1).")
+def main(debug: bool) -> None:
     """ckptd: asynchronous training snapshots, object storage and restore."""
+    import os
+
+    if debug:
+        os.environ["CKPTD_DEBUG"] = "1"
 
 
 # -- shared -------------------------------------------------------------------
 
 
+class UserError(click.ClickException):
+    """Something the user can fix (a bad option, a snapshot that does not fit): one line, exit 2."""
+
+    exit_code = 2
+
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("CKPTD_DEBUG") == "1"
+
+
 def _user_errors(fn):
-    """Turn ckptd's errors into one line and a non-zero exit, never a traceback."""
+    """Turn ckptd's errors into one line and a non-zero exit; the traceback only with --debug."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import CkptdError
+        from .errors import CkptdError, ConfigError, IncompatibleSnapshot
 
         try:
             return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except CkptdError as e:
-            raise click.ClickException(str(e)) from None
+            if _debug():
+                raise
+            kind = UserError if isinstance(e, (ConfigError, IncompatibleSnapshot)) else click.ClickException
+            raise kind(str(e)) from None
         except OSError as e:
+            if _debug():
+                raise
             raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
 
     return wrapper
@@ -305,14 +329,21 @@ def plot_cmd(store: str, output: str) -> None:
               help="Unix socket (CKPTD_SOCKET; default $XDG_RUNTIME_DIR/ckptd.sock or /tmp/ckptd-UID/daemon.sock).")
 @click.option("--metrics-port", type=int, envvar="CKPTD_METRICS_PORT", default=None,
               help="Prometheus text on 127.0.0.1:PORT (CKPTD_METRICS_PORT).")
-@click.option("--poll", type=float, envvar="CKPTD_POLL", default=0.5, show_default=True)
-@click.option("--hang-factor", type=float, envvar="CKPTD_HANG_FACTOR", default=10.0, show_default=True)
-@click.option("--hang-floor", type=float, envvar="CKPTD_HANG_FLOOR", default=60.0, show_default=True)
-@click.option("--grace", type=float, envvar="CKPTD_GRACE", default=30.0, show_default=True)
+@click.option("--poll", type=float, envvar="CKPTD_POLL", default=0.5, show_default=True,
+              help="Seconds between GPU and host health polls (CKPTD_POLL).")
+@click.option("--hang-factor", type=float, envvar="CKPTD_HANG_FACTOR", default=10.0, show_default=True,
+              help="A job hangs after this many median step times without a step (CKPTD_HANG_FACTOR)...")
+@click.option("--hang-floor", type=float, envvar="CKPTD_HANG_FLOOR", default=60.0, show_default=True,
+              help="...but never sooner than this many seconds (CKPTD_HANG_FLOOR).")
+@click.option("--grace", type=float, envvar="CKPTD_GRACE", default=30.0, show_default=True,
+              help="Seconds from the SIGTERM that stops a faulty job to its SIGKILL (CKPTD_GRACE).")
+@click.option("--log", "log_file", envvar="CKPTD_DAEMON_LOG", default=None,
+              help="Append the daemon's log to this file (CKPTD_DAEMON_LOG; default: stderr).")
 @_user_errors
-def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace) -> None:
+def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace, log_file) -> None:
     """The node sidecar: GPU and host health, hang detection, uploads that outlive the trainer."""
     import logging
+    import os
 
     from .daemon.server import default_socket
     from .daemon.service import Daemon, DaemonConfig
@@ -320,10 +351,11 @@ def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, 
     import faulthandler
     import signal
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", filename=log_file)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows what the daemon is doing
     cfg = DaemonConfig(socket=socket_path or default_socket(), store=store, metrics_port=metrics_port, poll=poll,
-                       hang_factor=hang_factor, hang_floor=hang_floor, grace=grace)
+                       hang_factor=hang_factor, hang_floor=hang_floor, grace=grace,
+                       log_file=os.path.abspath(log_file) if log_file else None)
     Daemon(cfg).run()
 
 
@@ -344,6 +376,7 @@ def status_cmd(socket_path: str | None, as_json: bool) -> None:
         return
     click.echo(f"daemon pid {st['pid']} on {st['socket']}, up {st['uptime_s']:.0f} s; NVML: {st['nvml']}; "
                f"upload backlog: {st['backlog']}")
+    click.echo(f"daemon log: {st.get('log') or 'its stderr (started by hand without --log)'}")
     table = _table("jobs", ["pid", "rank", "step", "step time s", "last snapshot", "devices", "state"])
     for j in st["jobs"]:
         table.add_row(str(j["pid"]), str(j["rank"]), str(j["step"]),
@@ -405,29 +438,33 @@ def _fmt_s(value: float | None) -> str:
 @click.option("--no-daemon", is_flag=True, help="Do not start a node daemon (uploads run in the trainer).")
 @click.option("--take-over", is_flag=True, help="Take the store from another job that is gone (its lease).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_user_errors
 def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_over, command) -> None:
-    """Run COMMAND, relaunching it from its newest snapshot until it succeeds.
+    """Run COMMAND (after --), relaunching it from its newest snapshot until it succeeds.
 
-    Exit codes: 0 done, 75 preempted (resumable), otherwise the job's own
-    code once restarts are exhausted.
+    Exit codes: 0 done, 75 preempted (resumable), 2 a bad option, otherwise
+    the job's own code once restarts are exhausted.
     """
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
 
-    from .errors import CkptdError
     from .supervisor import RunConfig, Supervisor
 
+    if command[0].startswith("-"):
+        raise click.UsageError(f"no such option: {command[0]}; the job's command goes after --, "
+                               "e.g. ckptd run --store DIR -- python train.py")
+    if shutil.which(command[0]) is None:
+        raise UserError(f"cannot run {command[0]!r}: no such program (give a path or a command on PATH)")
     try:
         gpu_list = None if gpus is None else tuple(int(g) for g in gpus.split(",") if g.strip())
     except ValueError:
-        raise click.ClickException(f"--gpus {gpus!r}: give device numbers like 0,1,2,3") from None
-    try:
-        cfg = RunConfig(store=store, command=tuple(command), max_restarts=max_restarts, backoff=backoff,
-                        backoff_max=max(60.0, backoff), grace=grace, gpus=gpu_list, socket=socket,
-                        daemon=not no_daemon, take_over=take_over)
-        summary = Supervisor(cfg).run()
-    except CkptdError as e:
-        raise click.ClickException(str(e)) from None
+        raise UserError(f"--gpus {gpus!r}: give device numbers like 0,1,2,3") from None
+    cfg = RunConfig(store=store, command=tuple(command), max_restarts=max_restarts, backoff=backoff,
+                    backoff_max=max(60.0, backoff), grace=grace, gpus=gpu_list, socket=socket,
+                    daemon=not no_daemon, take_over=take_over)
+    summary = Supervisor(cfg).run()
     console = Console(stderr=True)
     table = Table(title=f"ckptd run: {summary.outcome} in {summary.wall_s:.1f} s, {len(summary.restarts)} restarts")
     for col in ("#", "cause", "lost steps", "detect s", "restart s", "restore s", "catch-up s", "recovery s"):
@@ -471,6 +508,7 @@ def _seconds(text: str) -> float:
 @click.option("--gpu-hour-usd", type=float, default=2.0, show_default=True, help="Price of one GPU-hour.")
 @click.option("--json", "as_json", is_flag=True, help="The numbers as JSON.")
 @click.pass_context
+@_user_errors
 def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures, hours, risk, gpu_hour_usd,
                as_json) -> None:
     """The snapshot interval the default policy picks, and the numbers it came from."""
@@ -478,22 +516,21 @@ def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures
         return
     from rich.table import Table
 
-    from .errors import CkptdError
     from .policy import LLAMA3_JOB_PER_HOUR, LLAMA3_PER_GPU_HOUR, PolicyContext, RiskAwarePolicy
 
     try:
-        p = RiskAwarePolicy(fleet_rate=LLAMA3_PER_GPU_HOUR if per_gpu_hour is None else per_gpu_hour,
-                            job_rate=LLAMA3_JOB_PER_HOUR if job_rate is None else job_rate,
-                            gpu_hour_usd=gpu_hour_usd)
-        if risk > 1:
-            p.raise_risk(risk, reason="--risk", now=0.0)
-        p.record_hours(hours)
-        p.record_failure(failures)
-        d = p.decide(PolicyContext(step=0, now=0.0, steps_since=0, seconds_since=0.0, step_time=None,
-                                   stall=_seconds(stall), persist=_seconds(persist), in_flight=0, gpus=gpus,
-                                   nbytes=int(float(size) * 1e9)))
-    except (CkptdError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
+        gb = float(size)
+    except ValueError:
+        raise UserError(f"--size {size!r}: give gigabytes, e.g. 1 or 0.5") from None
+    p = RiskAwarePolicy(fleet_rate=LLAMA3_PER_GPU_HOUR if per_gpu_hour is None else per_gpu_hour,
+                        job_rate=LLAMA3_JOB_PER_HOUR if job_rate is None else job_rate, gpu_hour_usd=gpu_hour_usd)
+    if risk > 1:
+        p.raise_risk(risk, reason="--risk", now=0.0)
+    p.record_hours(hours)
+    p.record_failure(failures)
+    d = p.decide(PolicyContext(step=0, now=0.0, steps_since=0, seconds_since=0.0, step_time=None,
+                               stall=_seconds(stall), persist=_seconds(persist), in_flight=0, gpus=gpus,
+                               nbytes=int(gb * 1e9)))
     if as_json:
         _json(d)
         return

@@ -52,6 +52,10 @@ from .store.file import FileStore
 from .supervisor import run_history
 
 log = logging.getLogger("ckptd")
+# boto says at INFO where it found credentials and endpoints, on every client: not the job's business.
+for _name in ("botocore.credentials", "botocore.configprovider"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 __all__ = ["Checkpointer", "attach", "SnapshotFailedWarning", "EXIT_PREEMPTED"]
 

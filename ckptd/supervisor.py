@@ -200,13 +200,18 @@ class Supervisor:
         if os.path.exists(self.socket):
             log.info("ckptd run: using the daemon at %s", self.socket)
             return
+        log_file = self.socket + ".log"
         cmd = [sys.executable, "-m", "ckptd.cli", "daemon", "--socket", self.socket, "--store", self.config.store,
-               "--grace", str(self.config.grace)]
-        self._daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+               "--grace", str(self.config.grace), "--log", log_file]
+        # Its own file, so its log (and boto's) never mixes into the job's output; `ckptd status` names it.
+        with open(log_file, "a") as out:
+            self._daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        log.info("ckptd run: the node daemon logs to %s", log_file)
         deadline = time.monotonic() + 15
         while not os.path.exists(self.socket):
             if self._daemon.poll() is not None or time.monotonic() > deadline:
-                raise ConfigError(f"the daemon did not start on {self.socket}; run `ckptd daemon` to see why")
+                raise ConfigError(f"the daemon did not start on {self.socket}; see {log_file}")
             time.sleep(0.05)
 
     def _stop_daemon(self) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -124,3 +125,25 @@ def test_restarts_under_ckptd_run_reach_the_policy(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     failures = [int(line.split()[0]) for line in report.read_text().splitlines()]
     assert failures == [0, 1, 2]  # each launch's policy knows the restarts before it
+
+
+QUIET_JOB = """
+import logging, sys, torch, ckptd
+logging.basicConfig(level=logging.INFO)  # a job that logs at INFO still sees none of the daemon's lines
+with ckptd.Checkpointer(model=torch.nn.Linear(2, 2), policy="every:1") as ck:
+    for s in range(3):
+        ck.step(s)
+print("job says hello")
+"""
+
+
+def test_the_daemon_logs_to_its_own_file_not_into_the_job_output(bucket, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(QUIET_JOB)
+    sock = tempfile.mkdtemp(prefix="ckd-", dir="/tmp") + "/d.sock"
+    res = ckptd_run("--store", f"s3://{bucket}/run", "--socket", sock, "--", sys.executable, str(script))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == "job says hello\n"
+    assert "ckptd daemon" not in res.stderr and "Found credentials" not in res.stderr
+    with open(sock + ".log") as f:
+        assert "ckptd daemon: listening" in f.read()

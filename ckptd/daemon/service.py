@@ -51,6 +51,8 @@ class DaemonConfig:
     """Seconds from SIGTERM to SIGKILL when stopping a job."""
     degraded_risk: float = 20.0
     """Risk factor sent to the jobs of a degraded GPU."""
+    log_file: str | None = None
+    """Where the daemon's log goes (shown by ``ckptd status``); None: stderr."""
 
     @property
     def state_file(self) -> str:
@@ -313,6 +315,7 @@ class Daemon:
         with self._lock:
             return {
                 "pid": os.getpid(), "uptime_s": time.monotonic() - self.started, "socket": self.config.socket,
+                "log": self.config.log_file,
                 "nvml": self.nvml.unavailable or "ok",
                 "jobs": [{"pid": j.pid, "rank": j.rank, "step": j.step, "devices": list(j.devices),
                           "step_time_s": statistics.median(j.step_times) if j.step_times else None,
