@@ -90,10 +90,18 @@ def _table(title: str, columns: list[str]):
     return table
 
 
-def _print(table) -> None:
+def _console(*, stderr: bool = False):
+    """The terminal's width on a terminal; piped, no width limit, so no column is ever cut."""
+    import sys
+
     from rich.console import Console
 
-    Console(width=160).print(table)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 100_000)
+
+
+def _print(table) -> None:
+    _console().print(table)
 
 
 # -- ls, inspect, verify --------------------------------------------------------
@@ -126,7 +134,7 @@ def ls_cmd(store: str, as_json: bool) -> None:
 @main.command("inspect")
 @click.argument("store")
 @click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
     """Metadata and tensor tree of a snapshot, from its manifest only (no tensor data, no unpickling)."""
@@ -170,7 +178,7 @@ def _leaves(value, prefix: str = ""):
 
 @main.command("verify")
 @click.argument("store")
-@click.option("--step", type=int, default=None)
+@click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
 @click.option("--all", "all_", is_flag=True, help="Every committed snapshot.")
 @_user_errors
 def verify_cmd(store: str, step: int | None, all_: bool) -> None:
@@ -207,11 +215,16 @@ def _progress(total: int, label: str):
 
 @main.command("restore")
 @click.argument("store")
-@click.option("--step", type=int, default=None)
+@click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
 @click.option("--to", "dest", required=True, help="Local directory to write step-<N>/ into.")
 @_user_errors
 def restore_cmd(store: str, step: int | None, dest: str) -> None:
-    """Materialise a snapshot (e.g. from S3) as a local snapshot directory that dcp.load reads."""
+    """Copy a snapshot (from S3, say) into a local directory, verified.
+
+    The copy is a plain DCP directory: dcp.load and ckptd both read it.
+    """
+    import os
+
     from .restore.find import read_manifest
     from .store.file import FileStore
     from .persist.transfer import download_snapshot
@@ -226,6 +239,9 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
         return
     src = _open(store)
     step = newest_committed(src) if step is None else step
+    target = os.path.join(dest, f"step-{step:012d}")
+    if os.path.exists(target):
+        raise UserError(f"{target} already exists; restore into another --to directory or remove it")
     bar, advance = _progress(read_manifest(src, step).nbytes, f"step {step}")
     with bar:
         m = download_snapshot(src, step, FileStore(dest), progress=advance)
@@ -234,14 +250,16 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
 
 @main.command("export")
 @click.argument("store")
-@click.option("--step", type=int, default=None)
-@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default="torch", show_default=True)
-@click.option("-o", "--output", required=True)
-@click.option("--only", type=click.Choice(["model", "optimizer", "scheduler", "extra"]), default=None)
+@click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
+@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default="torch", show_default=True,
+              help="File format of OUTPUT.")
+@click.option("-o", "--output", required=True, help="File to write.")
+@click.option("--only", type=click.Choice(["model", "optimizer", "scheduler", "extra"]), default=None,
+              help="Export one group only (default: all).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_user_errors
 def export_cmd(store, step, fmt, output, only, force) -> None:
-    """A consolidated single file; torch.load(FILE, weights_only=True) reads the torch one."""
+    """Write a snapshot as one file; torch.load(FILE, weights_only=True) reads the torch one."""
     from .tools.export import export
 
     r = export(store, output, fmt=fmt, step=step, only=only, force=force)
@@ -268,10 +286,10 @@ def convert_cmd(source: str, store: str, step: int) -> None:
 
 @main.command("gc")
 @click.argument("store")
-@click.option("--keep-last", type=click.IntRange(min=1), required=True)
+@click.option("--keep-last", type=click.IntRange(min=1), required=True, help="Committed snapshots to keep.")
 @click.option("--keep-every", type=click.IntRange(min=1), default=None, help="Also keep steps divisible by K.")
 @click.option("--grace", default="1h", show_default=True, help="Age before an incomplete snapshot is garbage.")
-@click.option("--dry-run", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 @_user_errors
 def gc_cmd(store: str, keep_last: int, keep_every: int | None, grace: str, dry_run: bool) -> None:
     """Retention by hand; never the newest committed snapshot nor one still being written."""
@@ -291,8 +309,9 @@ def gc_cmd(store: str, keep_last: int, keep_every: int | None, grace: str, dry_r
 @click.argument("store")
 @click.argument("a", type=int)
 @click.argument("b", type=int)
-@click.option("--top", type=int, default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Show the N tensors that changed most.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def diff_cmd(store: str, a: int, b: int, top: int, as_json: bool) -> None:
     """Per-tensor relative change between snapshots A and B, largest first."""
@@ -360,8 +379,9 @@ def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, 
 
 
 @main.command("status")
-@click.option("--socket", "socket_path", envvar="CKPTD_SOCKET", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--socket", "socket_path", envvar="CKPTD_SOCKET", default=None,
+              help="The daemon's socket (CKPTD_SOCKET; default: the node's default socket).")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def status_cmd(socket_path: str | None, as_json: bool) -> None:
     """Jobs, GPUs and their health, risk and upload backlog, from the node's daemon."""
@@ -395,16 +415,22 @@ def _print_gpus(gpus: list, bad: dict) -> None:
 
 
 @main.command("health")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def health_cmd(as_json: bool) -> None:
-    """A one-shot readout of every GPU signal and of the host ("no NVML: <reason>" without a driver)."""
+    """Every GPU signal and the host, read once here (no daemon involved).
+
+    Without a GPU driver it says "no NVML" and why.
+    """
     from dataclasses import asdict
     import tempfile
 
     from .daemon.host import host_report
     from .daemon.nvml import NvmlHealthSource
 
+    import logging
+
+    logging.getLogger("ckptd.daemon").setLevel(logging.ERROR)  # this is no daemon; the line below says it all
     nvml = NvmlHealthSource()
     gpus = [asdict(g) for g in nvml.poll()]
     host = asdict(host_report([tempfile.gettempdir()]))
@@ -429,7 +455,8 @@ def _fmt_s(value: float | None) -> str:
 
 @main.command("run", context_settings={"ignore_unknown_options": True})
 @click.option("--store", envvar="CKPTD_STORE", required=True, help="Store URI handed to the job (CKPTD_STORE).")
-@click.option("--max-restarts", type=int, default=10, show_default=True, envvar="CKPTD_MAX_RESTARTS")
+@click.option("--max-restarts", type=int, default=10, show_default=True, envvar="CKPTD_MAX_RESTARTS",
+              help="Relaunches before giving up (CKPTD_MAX_RESTARTS).")
 @click.option("--backoff", type=float, default=1.0, show_default=True, help="Seconds before the first relaunch.")
 @click.option("--grace", type=float, default=30.0, show_default=True, envvar="CKPTD_GRACE",
               help="Seconds from SIGTERM to SIGKILL.")
@@ -465,7 +492,7 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
                     backoff_max=max(60.0, backoff), grace=grace, gpus=gpu_list, socket=socket,
                     daemon=not no_daemon, take_over=take_over)
     summary = Supervisor(cfg).run()
-    console = Console(stderr=True)
+    console = _console(stderr=True)
     table = Table(title=f"ckptd run: {summary.outcome} in {summary.wall_s:.1f} s, {len(summary.restarts)} restarts")
     for col in ("#", "cause", "lost steps", "detect s", "restart s", "restore s", "catch-up s", "recovery s"):
         table.add_column(col, justify="right" if col != "cause" else "left")
@@ -573,14 +600,16 @@ def _duration(seconds: float) -> str:
 
 
 @policy_cmd.command("simulate")
-@click.option("--gpus", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--gpus", type=click.IntRange(min=1), default=1024, show_default=True, help="GPUs the job uses.")
 @click.option("--per-gpu-hour", type=float, default=None, help="Failures per GPU-hour (default: Llama 3).")
 @click.option("--mtbf", default=None, help="Job MTBF instead of a per-GPU rate, e.g. 6h.")
-@click.option("--kind", type=click.Choice(["exponential", "weibull", "bursty"]), default="exponential")
-@click.option("--stall", default="20s", show_default=True)
-@click.option("--persist", default="90s", show_default=True)
-@click.option("--hours", type=float, default=168.0, show_default=True)
-@click.option("--seeds", type=click.IntRange(min=2), default=20, show_default=True)
+@click.option("--kind", type=click.Choice(["exponential", "weibull", "bursty"]), default="exponential",
+              show_default=True, help="How failures arrive.")
+@click.option("--stall", default="20s", show_default=True, help="Training stall per snapshot.")
+@click.option("--persist", default="90s", show_default=True, help="Time until a snapshot is durable.")
+@click.option("--hours", type=float, default=168.0, show_default=True, help="Simulated hours per seed.")
+@click.option("--seeds", type=click.IntRange(min=2), default=20, show_default=True,
+              help="Failure timelines to average over.")
 @click.option("--plot", "plot_path", default=None, help="Write a PNG of waste against interval.")
 def policy_simulate_cmd(gpus, per_gpu_hour, mtbf, kind, stall, persist, hours, seeds, plot_path) -> None:
     """Compare policies in a seeded simulation of failures."""

@@ -206,3 +206,40 @@ def test_the_readme_commands_say_what_they_do():
     assert "--quiet" not in install and install.count("step ") >= 3  # each install step is announced
     assert test and all(" -q" not in line for line in test)  # one line per file, not bare dots
     assert any("--durations=" in line for line in test)  # the slowest tests at the end
+
+
+def test_every_option_has_help_and_short_helps_are_whole_sentences():
+    import click
+
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub_cmd in getattr(cmd, "commands", {}).items():
+            yield from walk(sub_cmd, path + [name])
+
+    for path, cmd in walk(main, ["ckptd"]):
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name != "help":
+                assert p.help, f"{' '.join(path)} {p.opts[0]} has no help text"
+    restore = main.commands["restore"].get_short_help_str(80)
+    assert restore.endswith("verified."), restore
+
+
+def test_piped_tables_are_not_cut_and_health_names_no_daemon(tmp_path):
+    from torch import nn
+
+    long = "a_module_with_a_name_long_enough_to_overflow_eighty_columns_easily"
+    model = nn.ModuleDict({long: nn.Linear(2, 2)})
+    with ckptd.Checkpointer(str(tmp_path / "s"), model=model, policy="every:1000") as ck:
+        ck.save(1)
+    out = sub("inspect", str(tmp_path / "s")).stdout
+    assert f"model.{long}.weight" in out and "…" not in out
+    health = sub("health")
+    assert health.returncode == 0 and "daemon" not in health.stdout + health.stderr
+
+
+def test_restore_into_an_existing_directory_fails_before_any_progress(local, tmp_path):
+    store, _ = local
+    (tmp_path / "copy" / "step-000000000005").mkdir(parents=True)
+    res = sub("restore", store, "--to", str(tmp_path / "copy"))
+    assert res.returncode == 2 and "already exists" in res.stderr
+    assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1

@@ -328,3 +328,14 @@ def test_faults_the_daemon_stopped_a_job_for_reach_its_next_launch_policy(tmp_pa
     finally:
         d.stop()
         th.join(timeout=30)
+
+
+def test_status_names_the_daemon_log_file(daemon_factory, tmp_path):
+    log = str(tmp_path / "daemon.log")
+    d = daemon_factory(args=("--log", log))
+    out = subprocess.run([sys.executable, "-m", "ckptd.cli", "status", "--socket", d.socket], capture_output=True,
+                         text=True, env=d.env, timeout=60).stdout
+    assert f"daemon log: {log}" in out
+    with open(log) as f:
+        assert "listening on" in f.read()
+    assert "listening on" not in d.output()
