@@ -11,26 +11,50 @@ import click
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ckptd")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an error (also CKPTD_DEBUG=1).")
+def main(debug: bool) -> None:
     """ckptd: asynchronous training snapshots, object storage and restore."""
+    import os
+
+    if debug:
+        os.environ["CKPTD_DEBUG"] = "1"
 
 
 # -- shared -------------------------------------------------------------------
 
 
+class UserError(click.ClickException):
+    """Something the user can fix (a bad option, a snapshot that does not fit): one line, exit 2."""
+
+    exit_code = 2
+
+
+def _debug() -> bool:
+    import os
+
+    return os.environ.get("CKPTD_DEBUG") == "1"
+
+
 def _user_errors(fn):
-    """Turn ckptd's errors into one line and a non-zero exit, never a traceback."""
+    """Turn ckptd's errors into one line and a non-zero exit; the traceback only with --debug."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from .errors import CkptdError
+        from .errors import CkptdError, ConfigError, IncompatibleSnapshot
 
         try:
             return fn(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
         except CkptdError as e:
-            raise click.ClickException(str(e)) from None
+            if _debug():
+                raise
+            kind = UserError if isinstance(e, (ConfigError, IncompatibleSnapshot)) else click.ClickException
+            raise kind(str(e)) from None
         except OSError as e:
+            if _debug():
+                raise
             raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}") from None
 
     return wrapper
@@ -66,10 +90,18 @@ def _table(title: str, columns: list[str]):
     return table
 
 
-def _print(table) -> None:
+def _console(*, stderr: bool = False):
+    """The terminal's width on a terminal; piped, no width limit, so no column is ever cut."""
+    import sys
+
     from rich.console import Console
 
-    Console(width=160).print(table)
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, width=None if stream.isatty() else 100_000)
+
+
+def _print(table) -> None:
+    _console().print(table)
 
 
 # -- ls, inspect, verify --------------------------------------------------------
@@ -102,7 +134,7 @@ def ls_cmd(store: str, as_json: bool) -> None:
 @main.command("inspect")
 @click.argument("store")
 @click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
     """Metadata and tensor tree of a snapshot, from its manifest only (no tensor data, no unpickling)."""
@@ -123,11 +155,30 @@ def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
         for t in rows:
             table.add_row(t["name"], str(tuple(t["shape"])), t["dtype"], _size(t["nbytes"]))
         _print(table)
+    for group, values in (info.get("groups") or {}).items():
+        table = _table(f"{group}: values", ["name", "value"])
+        for name, value in _leaves(values):
+            table.add_row(name, value)
+        _print(table)
+
+
+def _leaves(value, prefix: str = ""):
+    """(dotted name, short text) for each plain value in a nest; lists of scalars stay on one line."""
+    import json
+
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value):
+        for i, v in enumerate(value):
+            yield from _leaves(v, f"{prefix}[{i}]")
+    else:
+        yield prefix or "-", value if isinstance(value, str) else json.dumps(value)
 
 
 @main.command("verify")
 @click.argument("store")
-@click.option("--step", type=int, default=None)
+@click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
 @click.option("--all", "all_", is_flag=True, help="Every committed snapshot.")
 @_user_errors
 def verify_cmd(store: str, step: int | None, all_: bool) -> None:
@@ -164,11 +215,16 @@ def _progress(total: int, label: str):
 
 @main.command("restore")
 @click.argument("store")
-@click.option("--step", type=int, default=None)
+@click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
 @click.option("--to", "dest", required=True, help="Local directory to write step-<N>/ into.")
 @_user_errors
 def restore_cmd(store: str, step: int | None, dest: str) -> None:
-    """Materialise a snapshot (e.g. from S3) as a local snapshot directory that dcp.load reads."""
+    """Copy a snapshot (from S3, say) into a local directory, verified.
+
+    The copy is a plain DCP directory: dcp.load and ckptd both read it.
+    """
+    import os
+
     from .errors import NoGoodSnapshot, SnapshotCorrupt, SnapshotExists, StoreError
     from .restore.find import list_snapshots, read_manifest
     from .store.file import FileStore
@@ -187,6 +243,9 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
         i.step for i in reversed(list_snapshots(src)) if i.committed or i.state == "corrupt"]
     bad: list[str] = []
     for s in dict.fromkeys(steps):
+        target = os.path.join(dest, f"step-{s:012d}")
+        if os.path.exists(target):
+            raise UserError(f"{target} already exists; restore into another --to directory or remove it")
         try:
             bar, advance = _progress(read_manifest(src, s).nbytes, f"step {s}")
             with bar:
@@ -206,14 +265,16 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
 
 @main.command("export")
 @click.argument("store")
-@click.option("--step", type=int, default=None)
-@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default="torch", show_default=True)
-@click.option("-o", "--output", required=True)
-@click.option("--only", type=click.Choice(["model", "optimizer", "scheduler", "extra"]), default=None)
+@click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
+@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default="torch", show_default=True,
+              help="File format of OUTPUT.")
+@click.option("-o", "--output", required=True, help="File to write.")
+@click.option("--only", type=click.Choice(["model", "optimizer", "scheduler", "extra"]), default=None,
+              help="Export one group only (default: all).")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_user_errors
 def export_cmd(store, step, fmt, output, only, force) -> None:
-    """A consolidated single file; torch.load(FILE, weights_only=True) reads the torch one."""
+    """Write a snapshot as one file; torch.load(FILE, weights_only=True) reads the torch one."""
     from .tools.export import export
 
     r = export(store, output, fmt=fmt, step=step, only=only, force=force)
@@ -240,10 +301,10 @@ def convert_cmd(source: str, store: str, step: int) -> None:
 
 @main.command("gc")
 @click.argument("store")
-@click.option("--keep-last", type=click.IntRange(min=1), required=True)
+@click.option("--keep-last", type=click.IntRange(min=1), required=True, help="Committed snapshots to keep.")
 @click.option("--keep-every", type=click.IntRange(min=1), default=None, help="Also keep steps divisible by K.")
 @click.option("--grace", default="1h", show_default=True, help="Age before an incomplete snapshot is garbage.")
-@click.option("--dry-run", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
 @_user_errors
 def gc_cmd(store: str, keep_last: int, keep_every: int | None, grace: str, dry_run: bool) -> None:
     """Retention by hand; never the newest committed snapshot nor one still being written."""
@@ -263,8 +324,9 @@ def gc_cmd(store: str, keep_last: int, keep_every: int | None, grace: str, dry_r
 @click.argument("store")
 @click.argument("a", type=int)
 @click.argument("b", type=int)
-@click.option("--top", type=int, default=20, show_default=True)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Show the N tensors that changed most.")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def diff_cmd(store: str, a: int, b: int, top: int, as_json: bool) -> None:
     """Per-tensor relative change between snapshots A and B, largest first."""
@@ -301,19 +363,26 @@ def plot_cmd(store: str, output: str) -> None:
               help="Unix socket (CKPTD_SOCKET; default $XDG_RUNTIME_DIR/ckptd.sock or /tmp/ckptd-UID/daemon.sock).")
 @click.option("--metrics-port", type=int, envvar="CKPTD_METRICS_PORT", default=None,
               help="Prometheus text on 127.0.0.1:PORT (CKPTD_METRICS_PORT).")
-@click.option("--poll", type=float, envvar="CKPTD_POLL", default=0.5, show_default=True)
-@click.option("--hang-factor", type=float, envvar="CKPTD_HANG_FACTOR", default=10.0, show_default=True)
-@click.option("--hang-floor", type=float, envvar="CKPTD_HANG_FLOOR", default=60.0, show_default=True)
-@click.option("--grace", type=float, envvar="CKPTD_GRACE", default=30.0, show_default=True)
+@click.option("--poll", type=float, envvar="CKPTD_POLL", default=0.5, show_default=True,
+              help="Seconds between GPU and host health polls (CKPTD_POLL).")
+@click.option("--hang-factor", type=float, envvar="CKPTD_HANG_FACTOR", default=10.0, show_default=True,
+              help="A job hangs after this many median step times without a step (CKPTD_HANG_FACTOR)...")
+@click.option("--hang-floor", type=float, envvar="CKPTD_HANG_FLOOR", default=60.0, show_default=True,
+              help="...but never sooner than this many seconds (CKPTD_HANG_FLOOR).")
+@click.option("--grace", type=float, envvar="CKPTD_GRACE", default=30.0, show_default=True,
+              help="Seconds from the SIGTERM that stops a faulty job to its SIGKILL (CKPTD_GRACE).")
+@click.option("--log", "log_file", envvar="CKPTD_DAEMON_LOG", default=None,
+              help="Append the daemon's log to this file (CKPTD_DAEMON_LOG; default: stderr).")
 @click.option("--max-clients", type=click.IntRange(min=1), envvar="CKPTD_MAX_CLIENTS", default=256, show_default=True,
               help="Connections served at once; more get an error reply (CKPTD_MAX_CLIENTS).")
 @click.option("--idle-timeout", type=click.FloatRange(min=0.1), envvar="CKPTD_IDLE_TIMEOUT", default=600.0,
               show_default=True, help="Seconds before a silent connection is closed (CKPTD_IDLE_TIMEOUT).")
 @_user_errors
-def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace, max_clients,
+def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace, log_file, max_clients,
                idle_timeout) -> None:
     """The node sidecar: GPU and host health, hang detection, uploads that outlive the trainer."""
     import logging
+    import os
 
     from .daemon.server import default_socket
     from .daemon.service import Daemon, DaemonConfig
@@ -321,17 +390,18 @@ def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, 
     import faulthandler
     import signal
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", filename=log_file)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows what the daemon is doing
     cfg = DaemonConfig(socket=socket_path or default_socket(), store=store, metrics_port=metrics_port, poll=poll,
                        hang_factor=hang_factor, hang_floor=hang_floor, grace=grace, max_clients=max_clients,
-                       idle_timeout=idle_timeout)
+                       idle_timeout=idle_timeout, log_file=os.path.abspath(log_file) if log_file else None)
     Daemon(cfg).run()
 
 
 @main.command("status")
-@click.option("--socket", "socket_path", envvar="CKPTD_SOCKET", default=None)
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--socket", "socket_path", envvar="CKPTD_SOCKET", default=None,
+              help="The daemon's socket (CKPTD_SOCKET; default: the node's default socket).")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def status_cmd(socket_path: str | None, as_json: bool) -> None:
     """Jobs, GPUs and their health, risk and upload backlog, from the node's daemon."""
@@ -346,6 +416,7 @@ def status_cmd(socket_path: str | None, as_json: bool) -> None:
         return
     click.echo(f"daemon pid {st['pid']} on {st['socket']}, up {st['uptime_s']:.0f} s; NVML: {st['nvml']}; "
                f"upload backlog: {st['backlog']}")
+    click.echo(f"daemon log: {st.get('log') or 'its stderr (started by hand without --log)'}")
     table = _table("jobs", ["pid", "rank", "step", "step time s", "last snapshot", "devices", "state"])
     for j in st["jobs"]:
         table.add_row(str(j["pid"]), str(j["rank"]), str(j["step"]),
@@ -364,16 +435,22 @@ def _print_gpus(gpus: list, bad: dict) -> None:
 
 
 @main.command("health")
-@click.option("--json", "as_json", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def health_cmd(as_json: bool) -> None:
-    """A one-shot readout of every GPU signal and of the host ("no NVML: <reason>" without a driver)."""
+    """Every GPU signal and the host, read once here (no daemon involved).
+
+    Without a GPU driver it says "no NVML" and why.
+    """
     from dataclasses import asdict
     import tempfile
 
     from .daemon.host import host_report
     from .daemon.nvml import NvmlHealthSource
 
+    import logging
+
+    logging.getLogger("ckptd.daemon").setLevel(logging.ERROR)  # this is no daemon; the line below says it all
     nvml = NvmlHealthSource()
     gpus = [asdict(g) for g in nvml.poll()]
     host = asdict(host_report([tempfile.gettempdir()]))
@@ -398,7 +475,8 @@ def _fmt_s(value: float | None) -> str:
 
 @main.command("run", context_settings={"ignore_unknown_options": True})
 @click.option("--store", envvar="CKPTD_STORE", required=True, help="Store URI handed to the job (CKPTD_STORE).")
-@click.option("--max-restarts", type=int, default=10, show_default=True, envvar="CKPTD_MAX_RESTARTS")
+@click.option("--max-restarts", type=int, default=10, show_default=True, envvar="CKPTD_MAX_RESTARTS",
+              help="Relaunches before giving up (CKPTD_MAX_RESTARTS).")
 @click.option("--backoff", type=float, default=1.0, show_default=True, help="Seconds before the first relaunch.")
 @click.option("--grace", type=float, default=30.0, show_default=True, envvar="CKPTD_GRACE",
               help="Seconds from SIGTERM to SIGKILL.")
@@ -407,30 +485,34 @@ def _fmt_s(value: float | None) -> str:
 @click.option("--no-daemon", is_flag=True, help="Do not start a node daemon (uploads run in the trainer).")
 @click.option("--take-over", is_flag=True, help="Take the store from another job that is gone (its lease).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_user_errors
 def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_over, command) -> None:
-    """Run COMMAND, relaunching it from its newest snapshot until it succeeds.
+    """Run COMMAND (after --), relaunching it from its newest snapshot until it succeeds.
 
-    Exit codes: 0 done, 75 preempted (resumable), otherwise the job's own
-    code once restarts are exhausted.
+    Exit codes: 0 done, 75 preempted (resumable), 2 a bad option, otherwise
+    the job's own code once restarts are exhausted.
     """
+    import shutil
+
     from rich.console import Console
     from rich.table import Table
 
-    from .errors import CkptdError
     from .supervisor import RunConfig, Supervisor
 
+    if command[0].startswith("-"):
+        raise click.UsageError(f"no such option: {command[0]}; the job's command goes after --, "
+                               "e.g. ckptd run --store DIR -- python train.py")
+    if shutil.which(command[0]) is None:
+        raise UserError(f"cannot run {command[0]!r}: no such program (give a path or a command on PATH)")
     try:
         gpu_list = None if gpus is None else tuple(int(g) for g in gpus.split(",") if g.strip())
     except ValueError:
-        raise click.ClickException(f"--gpus {gpus!r}: give device numbers like 0,1,2,3") from None
-    try:
-        cfg = RunConfig(store=store, command=tuple(command), max_restarts=max_restarts, backoff=backoff,
-                        backoff_max=max(60.0, backoff), grace=grace, gpus=gpu_list, socket=socket,
-                        daemon=not no_daemon, take_over=take_over)
-        summary = Supervisor(cfg).run()
-    except CkptdError as e:
-        raise click.ClickException(str(e)) from None
-    console = Console(stderr=True)
+        raise UserError(f"--gpus {gpus!r}: give device numbers like 0,1,2,3") from None
+    cfg = RunConfig(store=store, command=tuple(command), max_restarts=max_restarts, backoff=backoff,
+                    backoff_max=max(60.0, backoff), grace=grace, gpus=gpu_list, socket=socket,
+                    daemon=not no_daemon, take_over=take_over)
+    summary = Supervisor(cfg).run()
+    console = _console(stderr=True)
     table = Table(title=f"ckptd run: {summary.outcome} in {summary.wall_s:.1f} s, {len(summary.restarts)} restarts")
     for col in ("#", "cause", "lost steps", "detect s", "restart s", "restore s", "catch-up s", "recovery s"):
         table.add_column(col, justify="right" if col != "cause" else "left")
@@ -458,59 +540,96 @@ def _seconds(text: str) -> float:
 
 
 @main.group("policy", invoke_without_command=True)
-@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--stall", default="20s", show_default=True, help="Training stall per snapshot.")
-@click.option("--persist", default="90s", show_default=True, help="Time until a snapshot is durable.")
-@click.option("--size", default="10", show_default=True, help="Snapshot size in GB (storage cost).")
-@click.option("--per-gpu-hour", type=float, default=None, help="Failures per GPU-hour (default: Llama 3).")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs the job uses.")
+@click.option("--stall", default="0.5s", show_default=True,
+              help="Training stall per snapshot (the hook measures it; `ckptd status` shows it).")
+@click.option("--persist", default="10s", show_default=True, help="Time until a snapshot is durable (lower bound).")
+@click.option("--size", default="1", show_default=True, help="Snapshot size in GB (storage cost).")
+@click.option("--per-gpu-hour", type=float, default=None, help="Hardware failures per GPU-hour (default: Llama 3).")
+@click.option("--job-rate", type=float, default=None,
+              help="Job-level failures per hour: software, operator, preemption (default: Llama 3's software).")
+@click.option("--failures", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Failures the job has met so far (`ckptd run` counts its restarts).")
+@click.option("--hours", type=float, default=0.0, show_default=True, help="Hours the job has run so far.")
 @click.option("--risk", type=float, default=1.0, show_default=True, help="Live risk multiplier.")
-@click.option("--gpu-hour-usd", type=float, default=2.0, show_default=True)
+@click.option("--gpu-hour-usd", type=float, default=2.0, show_default=True, help="Price of one GPU-hour.")
+@click.option("--json", "as_json", is_flag=True, help="The numbers as JSON.")
 @click.pass_context
-def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, risk, gpu_hour_usd) -> None:
-    """The snapshot interval the default policy picks, and where each input came from."""
+@_user_errors
+def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures, hours, risk, gpu_hour_usd,
+               as_json) -> None:
+    """The snapshot interval the default policy picks, and the numbers it came from."""
     if ctx.invoked_subcommand is not None:
         return
-    from rich.console import Console
     from rich.table import Table
 
-    from .errors import CkptdError
-    from .policy import LLAMA3_PER_GPU_HOUR, PolicyContext, RiskAwarePolicy
+    from .policy import LLAMA3_JOB_PER_HOUR, LLAMA3_PER_GPU_HOUR, PolicyContext, RiskAwarePolicy
 
     try:
-        p = RiskAwarePolicy(fleet_rate=per_gpu_hour or LLAMA3_PER_GPU_HOUR, gpu_hour_usd=gpu_hour_usd)
-        if risk > 1:
-            p.raise_risk(risk, reason="--risk", now=0.0)
-        d = p.decide(PolicyContext(step=0, now=0.0, steps_since=0, seconds_since=0.0, step_time=None,
-                                   stall=_seconds(stall), persist=_seconds(persist), in_flight=0, gpus=gpus,
-                                   nbytes=int(float(size) * 1e9)))
-    except (CkptdError, ValueError) as e:
-        raise click.ClickException(str(e)) from None
-    rate_src = "--per-gpu-hour" if per_gpu_hour else "Llama 3 405B: 19.7 per 10^6 GPU-hours"
-    table = Table(title=f"snapshot every {d['interval']:.0f} s ({d['bound']} bound)", show_header=True)
-    for col in ("input", "value", "from"):
+        gb = float(size)
+    except ValueError:
+        raise UserError(f"--size {size!r}: give gigabytes, e.g. 1 or 0.5") from None
+    p = RiskAwarePolicy(fleet_rate=LLAMA3_PER_GPU_HOUR if per_gpu_hour is None else per_gpu_hour,
+                        job_rate=LLAMA3_JOB_PER_HOUR if job_rate is None else job_rate, gpu_hour_usd=gpu_hour_usd)
+    if risk > 1:
+        p.raise_risk(risk, reason="--risk", now=0.0)
+    p.record_hours(hours)
+    p.record_failure(failures)
+    d = p.decide(PolicyContext(step=0, now=0.0, steps_since=0, seconds_since=0.0, step_time=None,
+                               stall=_seconds(stall), persist=_seconds(persist), in_flight=0, gpus=gpus,
+                               nbytes=int(gb * 1e9)))
+    if as_json:
+        _json(d)
+        return
+    hw = "--per-gpu-hour" if per_gpu_hour is not None else "Llama 3 405B: 19.7 per 10^6 GPU-h"
+    job = "--job-rate" if job_rate is not None else "Llama 3 405B software + dependency: 56 in 54 days"
+    budget = p.stall_budget
+    table = Table(title=f"snapshot every {_duration(d['interval'])} ({d['bound']} bound)")
+    for col in ("", "number", "value", "from"):
         table.add_column(col)
-    table.add_row("GPUs", str(gpus), "--gpus")
-    table.add_row("failure rate", f"{d['per_gpu_hour'] * 1e6:.1f} per 10^6 GPU-h", rate_src)
-    table.add_row("live risk", f"x{d['risk']:.2f}", "--risk")
-    table.add_row("job MTBF", f"{d['mtbf_s'] / 3600:.2f} h", "rate x GPUs x risk")
-    table.add_row("stall", f"{d['stall_s']:.1f} s", "--stall (the hook measures it)")
-    table.add_row("money", f"${d['dollars_per_snapshot']:.4f} = {d['money_s']:.3f} s",
-                  f"S3 list prices, {size} GB, ${gpu_hour_usd}/GPU-h")
-    table.add_row("persist", f"{d['persist_s']:.0f} s", "--persist (lower bound)")
-    table.add_row("Daly interval", f"{d['daly']:.0f} s", "Daly (2006), C = stall + money")
-    table.add_row("expected waste", f"{d['expected_waste'] * 100:.2f} %", "Daly's model with restart and persist")
-    Console().print(table)
+    rows = [
+        ("rate", "hardware", f"{d['hardware_per_hour']:.2g} /h", f"{gpus} GPU(s) x {hw}"),
+        ("", "job-level", f"{d['job_per_hour']:.2g} /h", job),
+        ("", "failures seen", f"{failures} in {hours:g} h", "--failures/--hours (ckptd run: its restarts)"),
+        ("", "estimate", f"{d['per_hour']:.2g} /h", "Gamma-Poisson: prior worth 5 failures, updated"),
+        ("", "live risk", f"x{d['risk']:.2f}", "--risk (the daemon raises it on degraded GPUs)"),
+        ("", "job MTBF", _duration(d["mtbf_s"]), "1 / (estimate x risk)"),
+        ("cost", "stall", f"{d['stall_s']:.2f} s", "--stall (the hook measures it)"),
+        ("", "money", f"${d['dollars_per_snapshot']:.5f} = {d['money_s']:.3f} s",
+         f"S3 list prices, {size} GB kept 3 times, ${gpu_hour_usd}/GPU-h"),
+        ("", "C", f"{d['cost_s']:.2f} s", "stall + money"),
+        ("interval", "Daly", _duration(d["daly"]), "Daly (2006) from C and MTBF"),
+        ("", "persist", _duration(d["persist_s"] or 0), "--persist: lower bound"),
+        ("", "stall budget", _duration(d["stall_s"] / budget / d["risk"]) if budget and d["stall_s"] else "-",
+         f"stall <= {budget:.0%} of training: lower bound" if budget else "off"),
+        ("", "max interval", _duration(p.max_interval), "upper bound"),
+        ("", "chosen", _duration(d["interval"]), f"the {d['bound']} bound"),
+        ("waste", "expected", f"{d['expected_waste'] * 100:.3f} %", "Daly's model, with restart and persist"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    _print(table)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @policy_cmd.command("simulate")
-@click.option("--gpus", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--gpus", type=click.IntRange(min=1), default=1024, show_default=True, help="GPUs the job uses.")
 @click.option("--per-gpu-hour", type=float, default=None, help="Failures per GPU-hour (default: Llama 3).")
 @click.option("--mtbf", default=None, help="Job MTBF instead of a per-GPU rate, e.g. 6h.")
-@click.option("--kind", type=click.Choice(["exponential", "weibull", "bursty"]), default="exponential")
-@click.option("--stall", default="20s", show_default=True)
-@click.option("--persist", default="90s", show_default=True)
-@click.option("--hours", type=float, default=168.0, show_default=True)
-@click.option("--seeds", type=click.IntRange(min=2), default=20, show_default=True)
+@click.option("--kind", type=click.Choice(["exponential", "weibull", "bursty"]), default="exponential",
+              show_default=True, help="How failures arrive.")
+@click.option("--stall", default="20s", show_default=True, help="Training stall per snapshot.")
+@click.option("--persist", default="90s", show_default=True, help="Time until a snapshot is durable.")
+@click.option("--hours", type=float, default=168.0, show_default=True, help="Simulated hours per seed.")
+@click.option("--seeds", type=click.IntRange(min=2), default=20, show_default=True,
+              help="Failure timelines to average over.")
 @click.option("--plot", "plot_path", default=None, help="Write a PNG of waste against interval.")
 def policy_simulate_cmd(gpus, per_gpu_hour, mtbf, kind, stall, persist, hours, seeds, plot_path) -> None:
     """Compare policies in a seeded simulation of failures."""

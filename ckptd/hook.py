@@ -38,7 +38,7 @@ from .preempt import EXIT_PREEMPTED, PreemptionWatch
 from .progress import ProgressWriter
 from .restore.find import SnapshotInfo
 from .restore.load import read_state
-from .snapshot.capture import TrainingState
+from .snapshot.capture import TrainingState, summarize
 from .snapshot.dirs import LocalCommit
 from .snapshot.failures import FailureLog, SnapshotFailedWarning
 from .snapshot.flatten import Leaf, flatten
@@ -49,8 +49,13 @@ from .snapshot.stage import HostPool, make_stager
 from .snapshot.write import write_snapshot
 from .store import open_store
 from .store.file import FileStore
+from .supervisor import run_history
 
 log = logging.getLogger("ckptd")
+# boto says at INFO where it found credentials and endpoints, on every client: not the job's business.
+for _name in ("botocore.credentials", "botocore.configprovider"):
+    if logging.getLogger(_name).level == logging.NOTSET:
+        logging.getLogger(_name).setLevel(logging.WARNING)
 
 __all__ = ["Checkpointer", "attach", "SnapshotFailedWarning", "EXIT_PREEMPTED"]
 
@@ -82,6 +87,7 @@ class Checkpointer:
         optimizer: Any = None,
         scheduler: Any = None,
         extra: dict[str, Any] | None = None,
+        loader: Any = None,
         policy: Any = None,
         **options: Any,
     ) -> None:
@@ -89,7 +95,8 @@ class Checkpointer:
         store = store if store is not None else os.environ.get("CKPTD_STORE")
         if not store:
             raise ConfigError("no store given: pass a path or URI, or set CKPTD_STORE")
-        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra)
+        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra,
+                                   loader=loader)
         self.policy = _resolve_policy(policy)
         self._closed = True  # until every resource below exists; close() then releases what was made
         self._hooks: list = []
@@ -148,6 +155,11 @@ class Checkpointer:
         if self._preempt is not None:
             self._opened.append(self._preempt.uninstall)
         self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.state.optimizers]
+        self._failures_told = 0
+        restarts, seconds = run_history()
+        if seconds and callable(getattr(self.policy, "record_hours", None)):
+            self.policy.record_hours(seconds / 3600.0)
+        self._record_failures(restarts)
 
     def _release(self) -> None:
         """Release what ``_open`` acquired, newest first; later failures do not hide earlier ones."""
@@ -362,7 +374,8 @@ class Checkpointer:
                     "faster than they persist, so lengthen the interval", step)
             self._pool_free.wait()
         handle = SnapshotHandle(step, started=time.monotonic())
-        leaves = flatten(self.state.capture(self._ranks.rank))
+        captured = self.state.capture(self._ranks.rank)
+        leaves = flatten(captured)
         tensors = {leaf.fqn: leaf.value for leaf in leaves if isinstance(leaf.value, torch.Tensor)}
         bufs = self._pool.buffers_for(tensors, step=step)
         deferred = self.state.deferred_ptrs() if self.config.overlap else set()
@@ -376,7 +389,7 @@ class Checkpointer:
         handle.staged = self._stager.copy(later_pairs, wait=False)
         self._pending_stage = handle.staged
         meta = {"attach": self._attach_mode, "pool_bytes": self._pool.nbytes, "pid": os.getpid(),
-                "policy": _policy_note(self.policy)}
+                "policy": _policy_note(self.policy), "groups": summarize(captured)}
         handle.stall = time.perf_counter() - t0
         with self._lock:
             self._inflight.append(handle)
@@ -455,6 +468,16 @@ class Checkpointer:
                 self.request_snapshot(cmd.reason)
             elif cmd.kind == "raise_risk" and callable(getattr(self.policy, "raise_risk", None)):
                 self.policy.raise_risk(cmd.factor, reason=cmd.reason)
+            elif cmd.kind == "failures":  # the restarts under `ckptd run` already counted some of them
+                self._record_failures(int(cmd.factor) - self._failures_told)
+
+    def _record_failures(self, n: int) -> None:
+        """Tell the policy of ``n`` more failures this job met (restarts, faults the daemon stopped it for)."""
+        if n <= 0 or not callable(getattr(self.policy, "record_failure", None)):
+            return
+        self._failures_told += n
+        self.policy.record_failure(n)
+        log.info("ckptd: the policy counts %d failure(s) of this job so far", self._failures_told)
 
     # -- errors -------------------------------------------------------------
 

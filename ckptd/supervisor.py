@@ -1,7 +1,8 @@
 """``ckptd run``: launch a training command, relaunch it on failure, report (no torch).
 
 The job resumes through its own ``Checkpointer.restore()``; the supervisor
-only sets ``CKPTD_STORE``, ``CKPTD_PROGRESS``, ``CKPTD_GRACE`` and ``CKPTD_JOB``, keeps bad
+only sets ``CKPTD_STORE``, ``CKPTD_PROGRESS``, ``CKPTD_GRACE``, ``CKPTD_JOB`` and the run's history
+(``CKPTD_RESTARTS``, ``CKPTD_RUN_SECONDS``, which the policy's failure rate learns from), keeps bad
 GPUs out of ``CUDA_VISIBLE_DEVICES``, and reads the progress events to say
 what each restart cost.
 """
@@ -29,6 +30,18 @@ from .progress import Attempt, read_attempts
 log = logging.getLogger("ckptd")
 
 EXIT_EXHAUSTED = 1
+
+
+RESTARTS_ENV = "CKPTD_RESTARTS"
+RUN_SECONDS_ENV = "CKPTD_RUN_SECONDS"
+
+
+def run_history(environ=os.environ) -> tuple[int, float]:
+    """(restarts so far, seconds since the first launch) that ``ckptd run`` handed this job; (0, 0) outside it."""
+    try:
+        return max(0, int(environ.get(RESTARTS_ENV, "0"))), max(0.0, float(environ.get(RUN_SECONDS_ENV, "0")))
+    except ValueError:
+        return 0, 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,6 +156,8 @@ class Supervisor:
         self.progress_path = os.path.join(self._workdir, "progress.jsonl")
         # One id for every launch of this job, so a relaunch takes its own store lease back.
         self.job = env_job_id() or f"run-{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
+        self._restarts: list[Restart] = []
+        self._run_started = time.monotonic()
 
     def run(self) -> RunSummary:
         t0 = time.monotonic()
@@ -160,7 +175,8 @@ class Supervisor:
         return summary
 
     def _loop(self) -> RunSummary:
-        restarts: list[Restart] = []
+        restarts: list[Restart] = self._restarts
+        self._run_started = time.monotonic()
         while True:
             code, noticed, noticed_at = self._launch_and_wait()
             if code == 0:
@@ -184,13 +200,18 @@ class Supervisor:
         if os.path.exists(self.socket):
             log.info("ckptd run: using the daemon at %s", self.socket)
             return
+        log_file = self.socket + ".log"
         cmd = [sys.executable, "-m", "ckptd.cli", "daemon", "--socket", self.socket, "--store", self.config.store,
-               "--grace", str(self.config.grace)]
-        self._daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+               "--grace", str(self.config.grace), "--log", log_file]
+        # Its own file, so its log (and boto's) never mixes into the job's output; `ckptd status` names it.
+        with open(log_file, "a") as out:
+            self._daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                            start_new_session=True)
+        log.info("ckptd run: the node daemon logs to %s", log_file)
         deadline = time.monotonic() + 15
         while not os.path.exists(self.socket):
             if self._daemon.poll() is not None or time.monotonic() > deadline:
-                raise ConfigError(f"the daemon did not start on {self.socket}; run `ckptd daemon` to see why")
+                raise ConfigError(f"the daemon did not start on {self.socket}; see {log_file}")
             time.sleep(0.05)
 
     def _stop_daemon(self) -> None:
@@ -212,6 +233,9 @@ class Supervisor:
         if self.config.take_over:
             env["CKPTD_TAKE_OVER"] = "1"
         env[PROGRESS_ENV] = self.progress_path
+        # What the job has met so far, for the policy's failure rate.
+        env[RESTARTS_ENV] = str(len(self._restarts))
+        env[RUN_SECONDS_ENV] = f"{time.monotonic() - self._run_started:.0f}"
         if self.config.daemon or self.config.socket:
             env["CKPTD_SOCKET"] = self.socket
         if self.config.gpus is not None:

@@ -134,6 +134,19 @@ def test_user_errors_are_one_line_with_a_non_zero_exit(tmp_path):
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
+def test_errors_users_cause_exit_2_in_one_line_and_debug_shows_the_traceback(tmp_path):
+    for args in (["run", "--store", str(tmp_path), "--bogus", "--", "x"],
+                 ["run", "--store", str(tmp_path), "--", "no-such-program-here"],
+                 ["policy", "--per-gpu-hour", "0", "--job-rate", "0"]):
+        res = sub(*args)
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr and "Error:" in res.stderr
+        assert len([line for line in res.stderr.splitlines() if line.startswith("Error")]) == 1
+    res = sub("policy", "--per-gpu-hour", "0", "--job-rate", "0", env={"CKPTD_DEBUG": "1"})
+    assert "Traceback" in res.stderr and "ConfigError" in res.stderr
+    assert "Traceback" in sub("--debug", "policy", "--per-gpu-hour", "0", "--job-rate", "0").stderr
+
+
 def test_torchsnapshot_is_inspected_exported_and_converted(tmp_path):
     import torchsnapshot
     model, opt, _, _ = make(seed=5)
@@ -174,8 +187,59 @@ def test_commands_on_seaweedfs(s3env, tmp_path):
     assert res.returncode == 0 and (tmp_path / "back" / "step-000000000003" / "ckptd.json").exists()
     assert sub("export", uri, "-o", str(tmp_path / "x.pt"), "--only", "model", env=env).returncode == 0
     assert "deleted committed steps [1]" in sub("gc", uri, "--keep-last", "1", env=env).stdout
+    after = sub("ls", uri, env=env).stdout  # what gc said it removed is gone: no empty "incomplete" row
+    assert "1970" not in after and "incomplete" not in after, after
+    assert [r["step"] for r in json.loads(sub("ls", uri, "--json", env=env).stdout)] == [3]
     remote.put_bytes(read_manifest(remote, 3).object_key("__0_0.distcp"), b"damaged")
     bad = sub("verify", uri, env=env)
     assert bad.returncode == 1 and "__0_0.distcp" in bad.stdout
     res = sub("ls", "s3://no-such-bucket-here/x", env=env)
     assert res.returncode == 1 and "does not exist" in res.stderr and len(res.stderr.splitlines()) == 1
+
+
+def test_the_readme_commands_say_what_they_do():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "scripts", "install.sh")) as f:
+        install = f.read()
+    with open(os.path.join(root, "scripts", "test.sh")) as f:
+        test = [line for line in f if "pytest" in line and not line.startswith("#")]
+    assert "--quiet" not in install and install.count("step ") >= 3  # each install step is announced
+    assert test and all(" -q" not in line for line in test)  # one line per file, not bare dots
+    assert any("--durations=" in line for line in test)  # the slowest tests at the end
+
+
+def test_every_option_has_help_and_short_helps_are_whole_sentences():
+    import click
+
+    def walk(cmd, path):
+        yield path, cmd
+        for name, sub_cmd in getattr(cmd, "commands", {}).items():
+            yield from walk(sub_cmd, path + [name])
+
+    for path, cmd in walk(main, ["ckptd"]):
+        for p in cmd.params:
+            if isinstance(p, click.Option) and p.name != "help":
+                assert p.help, f"{' '.join(path)} {p.opts[0]} has no help text"
+    restore = main.commands["restore"].get_short_help_str(80)
+    assert restore.endswith("verified."), restore
+
+
+def test_piped_tables_are_not_cut_and_health_names_no_daemon(tmp_path):
+    from torch import nn
+
+    long = "a_module_with_a_name_long_enough_to_overflow_eighty_columns_easily"
+    model = nn.ModuleDict({long: nn.Linear(2, 2)})
+    with ckptd.Checkpointer(str(tmp_path / "s"), model=model, policy="every:1000") as ck:
+        ck.save(1)
+    out = sub("inspect", str(tmp_path / "s")).stdout
+    assert f"model.{long}.weight" in out and "…" not in out
+    health = sub("health")
+    assert health.returncode == 0 and "daemon" not in health.stdout + health.stderr
+
+
+def test_restore_into_an_existing_directory_fails_before_any_progress(local, tmp_path):
+    store, _ = local
+    (tmp_path / "copy" / "step-000000000005").mkdir(parents=True)
+    res = sub("restore", store, "--to", str(tmp_path / "copy"))
+    assert res.returncode == 2 and "already exists" in res.stderr
+    assert res.stdout == "" and len(res.stderr.strip().splitlines()) == 1

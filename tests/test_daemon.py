@@ -287,3 +287,55 @@ def test_deleted_file_is_detected_and_the_previous_snapshot_used(tmp_path):
     with ckpt_for(tmp_path, model, opt, sched, counter) as ck:
         with pytest.warns(UserWarning, match="__0_0.distcp: missing"):
             assert ck.restore() == 4
+
+
+def test_faults_the_daemon_stopped_a_job_for_reach_its_next_launch_policy(tmp_path, monkeypatch):
+    import threading
+
+    from ckptd.daemon.protocol import Heartbeat, Register
+    from ckptd.daemon.service import Daemon, DaemonConfig
+
+    monkeypatch.setenv("CKPTD_NVML_MODULE", "fake_nvml")
+    monkeypatch.setenv("PYTHONPATH", TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    sock = tempfile.mkdtemp(prefix="ckd-", dir="/tmp") + "/d.sock"
+    d = Daemon(DaemonConfig(socket=sock, poll=0.2))
+    victims = [subprocess.Popen(["sleep", "60"]) for _ in range(2)]
+    try:
+        for rank, v in enumerate(victims):  # two ranks of one job, stopped for one fault: one failure
+            d.handle(Register(pid=v.pid, rank=rank, job="job-a", world_size=2), v.pid)
+        for v in victims:
+            d._stop_job(d.jobs[v.pid], "fatal fault on GPU 0")
+        assert d.faults == {"job-a": 1}
+    finally:
+        for v in victims:
+            v.kill()
+            v.wait()
+    th = threading.Thread(target=d.run, daemon=True)
+    th.start()
+    try:
+        import torch
+
+        monkeypatch.setenv("CKPTD_SOCKET", sock)
+        monkeypatch.setenv("CKPTD_JOB", "job-a")
+        monkeypatch.setenv("CKPTD_RESTARTS", "1")  # `ckptd run` saw the same failure as a restart
+        ck = ckptd.Checkpointer(str(tmp_path / "s"), model=torch.nn.Linear(2, 2))
+        assert ck.policy.rate.failures == 1
+        d.faults["job-a"] = 3  # as if two more faults had stopped earlier launches
+        d.handle(Register(pid=os.getpid(), job="job-a"), os.getpid())
+        ck.step(0)
+        assert ck.policy.rate.failures == 3
+        ck.close()
+    finally:
+        d.stop()
+        th.join(timeout=30)
+
+
+def test_status_names_the_daemon_log_file(daemon_factory, tmp_path):
+    log = str(tmp_path / "daemon.log")
+    d = daemon_factory(args=("--log", log))
+    out = subprocess.run([sys.executable, "-m", "ckptd.cli", "status", "--socket", d.socket], capture_output=True,
+                         text=True, env=d.env, timeout=60).stdout
+    assert f"daemon log: {log}" in out
+    with open(log) as f:
+        assert "listening on" in f.read()
+    assert "listening on" not in d.output()

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -103,3 +104,46 @@ def test_slurm_requeue_runs_the_documented_scontrol_commands(tmp_path, monkeypat
         Supervisor(cfg, bad_gpus=lambda: {0, 1}).run()
     assert log.read_text().splitlines() == ["requeuehold 4242", "update JobId=4242 ExcNodeList=gpu-node-7",
                                             "release 4242"]
+
+
+REPORT_POLICY = """
+import sys, torch, ckptd
+ck = ckptd.Checkpointer(sys.argv[1], model=torch.nn.Linear(2, 2))
+with open(sys.argv[2], "a") as f:
+    print(ck.policy.rate.failures, file=f)
+ck.close()
+launches = len(open(sys.argv[2]).readlines())
+sys.exit(0 if launches == 3 else 3)  # fail twice, then succeed
+"""
+
+
+def test_restarts_under_ckptd_run_reach_the_policy(tmp_path):
+    script, report = tmp_path / "job.py", tmp_path / "failures.txt"
+    script.write_text(REPORT_POLICY)
+    res = ckptd_run("--store", str(tmp_path / "s"), "--backoff", "0.05", "--", sys.executable, str(script),
+                    str(tmp_path / "s"), str(report))
+    assert res.returncode == 0, res.stderr[-3000:]
+    failures = [int(line.split()[0]) for line in report.read_text().splitlines()]
+    assert failures == [0, 1, 2]  # each launch's policy knows the restarts before it
+
+
+QUIET_JOB = """
+import logging, sys, torch, ckptd
+logging.basicConfig(level=logging.INFO)  # a job that logs at INFO still sees none of the daemon's lines
+with ckptd.Checkpointer(model=torch.nn.Linear(2, 2), policy="every:1") as ck:
+    for s in range(3):
+        ck.step(s)
+print("job says hello")
+"""
+
+
+def test_the_daemon_logs_to_its_own_file_not_into_the_job_output(bucket, tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(QUIET_JOB)
+    sock = tempfile.mkdtemp(prefix="ckd-", dir="/tmp") + "/d.sock"
+    res = ckptd_run("--store", f"s3://{bucket}/run", "--socket", sock, "--", sys.executable, str(script))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == "job says hello\n"
+    assert "ckptd daemon" not in res.stderr and "Found credentials" not in res.stderr
+    with open(sock + ".log") as f:
+        assert "ckptd daemon: listening" in f.read()

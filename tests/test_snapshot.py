@@ -280,10 +280,8 @@ def test_non_plain_extra_state_is_refused_with_the_fix(tmp_path):
             pass
 
     model, opt, sched, _ = make()
-    ck = ckptd.Checkpointer(str(tmp_path), model=model, optimizer=opt, extra={"bad": Bad()}, policy="every:1")
-    with pytest.raises(ConfigError, match=r"extra.0.bad.when.*convert it"):
-        ck.save(0)
-    ck.close()
+    with pytest.raises(ConfigError, match=r"extra.0.bad.when.*convert it"):  # at construction, not at save
+        ckptd.Checkpointer(str(tmp_path), model=model, optimizer=opt, extra={"bad": Bad()}, policy="every:1")
 
 
 def test_attach_drives_snapshots_from_optimizer_step(tmp_path):
@@ -364,3 +362,19 @@ def test_full_local_tier_skips_snapshots_and_keeps_the_committed(tiny_disk):
     m2, o2, s2, c2 = big(1)
     with ckpt_for(store, m2, o2, s2, c2) as ck2:
         assert ck2.restore() == infos[-1].step + 1
+
+
+def test_a_repeated_failure_is_reported_once_and_then_summarized(tmp_path, caplog):
+    model, opt, sched, counter = make()
+    ck = ckpt_for(tmp_path, model, opt, sched, counter, policy="every:1", staging_budget=1024)
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level("INFO", logger="ckptd"):
+        warnings.simplefilter("always")
+        for s in range(30):
+            train_step(model, opt, sched, counter)
+            ck.step(s)
+    said = [str(w.message) for w in seen if issubclass(w.category, ckptd.snapshot.failures.SnapshotFailedWarning)]
+    assert len(said) == 3  # the first, then a summary at the 2nd and the 10th
+    assert "step 0" in said[0] and "2 times" in said[1] and "10 times" in said[2]
+    assert not [r for r in caplog.records if r.levelname == "ERROR" and "not taken" in r.getMessage()]
+    with pytest.raises(SnapshotError, match="30 snapshots failed"):
+        ck.close()

@@ -71,7 +71,10 @@ class Status:
 
 @dataclass(frozen=True)
 class Command:
-    """Something the daemon asks a hook to do: snapshot_now, raise_risk, dump_stacks or stop."""
+    """Something the daemon asks a hook to do: snapshot_now, raise_risk, failures, dump_stacks or stop.
+
+    ``failures`` carries in ``factor`` how many faults the daemon has stopped this job for.
+    """
 
     kind: str
     reason: str = ""
@@ -98,7 +101,7 @@ class Reply:
 
 
 _TYPES = {c.__dataclass_fields__["type"].default: c for c in (Register, Heartbeat, Committed, Status, Reply)}
-_COMMANDS = ("snapshot_now", "raise_risk", "dump_stacks", "stop")
+_COMMANDS = ("snapshot_now", "raise_risk", "failures", "dump_stacks", "stop")
 
 
 def encode(msg: Any) -> bytes:

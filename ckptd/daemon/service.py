@@ -55,6 +55,8 @@ class DaemonConfig:
     """Connections served at once; more get an error reply."""
     idle_timeout: float = 600.0
     """Seconds a connection may stay silent before the daemon closes it (hooks reconnect)."""
+    log_file: str | None = None
+    """Where the daemon's log goes (shown by ``ckptd status``); None: stderr."""
 
     @property
     def state_file(self) -> str:
@@ -95,6 +97,8 @@ class Daemon:
         self.started = time.monotonic()
         self.jobs: dict[int, Job] = {}
         self.bad_gpus: dict[int, str] = {}
+        self.faults: dict[str, int] = {}
+        """Faults this daemon stopped each job (by job id) for; told to its next launch's policy."""
         self.events: list[dict[str, Any]] = []
         self.gpus: list[GpuReport] = []
         self._lock = threading.RLock()
@@ -130,6 +134,10 @@ class Daemon:
                     job.last_snapshot = old.last_snapshot
                 self.jobs[msg.pid] = job
                 self._event("register", pid=msg.pid, rank=msg.rank, devices=list(msg.devices))
+                if self.faults.get(msg.job):
+                    n = self.faults[msg.job]
+                    self.jobs[msg.pid].commands.append(
+                        Command("failures", f"this daemon stopped job {msg.job} {n} time(s) for faults", n))
                 return Reply()
             if isinstance(msg, Status):
                 return Reply(status=self.status())
@@ -304,6 +312,8 @@ class Daemon:
 
     def _stop_job(self, job: Job, reason: str) -> None:
         job.stopping, job.stop_reason = time.monotonic(), reason
+        if not any(j.job == job.job and j.stopping is not None for j in self.jobs.values() if j is not job):
+            self.faults[job.job] = self.faults.get(job.job, 0) + 1  # one fault stops every rank: count it once
         self._event("stop job", pid=job.pid, reason=reason)
         _signal(job.pid, signal.SIGTERM)
 
@@ -319,6 +329,7 @@ class Daemon:
         with self._lock:
             return {
                 "pid": os.getpid(), "uptime_s": time.monotonic() - self.started, "socket": self.config.socket,
+                "log": self.config.log_file,
                 "nvml": self.nvml.unavailable or "ok",
                 "jobs": [{"pid": j.pid, "rank": j.rank, "step": j.step, "devices": list(j.devices),
                           "step_time_s": statistics.median(j.step_times) if j.step_times else None,

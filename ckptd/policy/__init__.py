@@ -5,7 +5,7 @@ from .base import PolicyContext, SnapshotPolicy
 from .cost import PriceTable, SnapshotCost, snapshot_cost
 from .fixed import AnyOf, EverySeconds, EverySteps, parse_policy
 from .interval import daly_interval, expected_waste, young_interval
-from .risk import LLAMA3_PER_GPU_HOUR, FailureRate
+from .risk import LLAMA3_JOB_PER_HOUR, LLAMA3_PER_GPU_HOUR, FailureRate
 
 __all__ = [
     "PolicyContext",
@@ -23,4 +23,5 @@ __all__ = [
     "expected_waste",
     "FailureRate",
     "LLAMA3_PER_GPU_HOUR",
+    "LLAMA3_JOB_PER_HOUR",
 ]

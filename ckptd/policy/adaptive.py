@@ -1,5 +1,10 @@
 """RiskAwarePolicy: Daly's interval from measured cost and the live failure rate.
 
+The cost is this job's measured stall (plus its storage money); the rate is
+the hardware rate × GPUs plus a job-level rate (software, operator,
+preemption), moved by the failures the job meets. A one-GPU job with a
+sub-second stall therefore snapshots every few minutes.
+
 Re-evaluated at every step, so a risk raise shortens the interval at once,
 and when the work since the last snapshot already exceeds the new interval
 the next step snapshots. Bounds: never below the persist time (one snapshot
@@ -17,7 +22,7 @@ from ..errors import ConfigError
 from .base import PolicyContext
 from .cost import PriceTable, snapshot_cost
 from .interval import daly_interval, expected_waste
-from .risk import LLAMA3_PER_GPU_HOUR, FailureRate
+from .risk import LLAMA3_JOB_PER_HOUR, LLAMA3_PER_GPU_HOUR, FailureRate
 
 
 @dataclass(kw_only=True, eq=False)
@@ -25,15 +30,19 @@ class RiskAwarePolicy:
     """The default policy. Not thread-safe: the hook calls it from the training thread."""
 
     fleet_rate: float = LLAMA3_PER_GPU_HOUR
-    """Baseline unexpected interruptions per GPU-hour (Llama 3: 19.7 per million)."""
+    """Baseline hardware interruptions per GPU-hour (Llama 3: 19.7 per million)."""
+    job_rate: float = LLAMA3_JOB_PER_HOUR
+    """Baseline job-level interruptions per hour, whatever the GPU count: software, operator,
+    preemption (Llama 3's software and dependency failures: about one a day). Add your spot
+    market's preemption rate here."""
     prior_failures: float = 5.0
     """Weight of the baseline, in pseudo-failures, against the job's own failures."""
     risk_half_life: float = 600.0
     """Seconds for a health signal's extra risk to halve (sources re-raise while it lasts)."""
     stall_budget: float | None = 0.02
     """Largest fraction of training time spent stalled on snapshots at calm risk; None: no budget."""
-    max_interval: float = 6 * 3600.0
-    """Longest time between snapshots, whatever the maths says."""
+    max_interval: float = 30 * 60.0
+    """Longest time between snapshots, whatever the maths says (at most half an hour of work lost)."""
     restart: float = 120.0
     """Expected seconds to restart after a failure (for the waste estimate)."""
     gpu_hour_usd: float = 2.0
@@ -49,8 +58,8 @@ class RiskAwarePolicy:
             raise ConfigError(f"max_interval={self.max_interval!r}: must be > 0 seconds")
         if self.restart < 0 or self.gpu_hour_usd <= 0 or self.keep_last < 1:
             raise ConfigError("restart >= 0, gpu_hour_usd > 0 and keep_last >= 1 are required")
-        self.rate = FailureRate(per_gpu_hour=self.fleet_rate, prior_failures=self.prior_failures,
-                                half_life=self.risk_half_life)
+        self.rate = FailureRate(per_gpu_hour=self.fleet_rate, job_per_hour=self.job_rate,
+                                prior_failures=self.prior_failures, half_life=self.risk_half_life)
         self._requested: str | None = None
         self._last_now: float | None = None
         self._last: dict[str, Any] = {}
@@ -77,9 +86,13 @@ class RiskAwarePolicy:
         self.rate.raise_risk(factor, now=time.monotonic() if now is None else now, reason=reason,
                              half_life=half_life)
 
-    def record_failure(self) -> None:
-        """The job failed once more (after a restart): the rate estimate moves up."""
-        self.rate.record_failure()
+    def record_failure(self, count: int = 1) -> None:
+        """The job failed ``count`` more times (restarts, faults): the rate estimate moves up."""
+        self.rate.record_failure(count)
+
+    def record_hours(self, hours: float) -> None:
+        """Hours the job ran before this process (earlier launches), calm, for the rate estimate."""
+        self.rate.hours += max(0.0, hours)
 
     def request_now(self, reason: str) -> None:
         """Snapshot at the next step (a fatal signal, a preemption notice)."""
@@ -111,7 +124,9 @@ class RiskAwarePolicy:
             "interval": interval, "bound": binding, "daly": daly, "cost_s": cost.total, "stall_s": stall,
             "money_s": cost.money_s, "dollars_per_snapshot": cost.dollars, "persist_s": ctx.persist,
             "mtbf_s": mtbf, "risk": risk, "failures": self.rate.failures, "gpus": ctx.gpus,
-            "per_gpu_hour": self.rate.per_gpu_posterior(), "signals": [s.reason for s in self.rate.signals],
+            "hardware_per_hour": self.rate.per_gpu_hour * ctx.gpus, "job_per_hour": self.rate.job_per_hour,
+            "per_hour": self.rate.posterior_per_hour(ctx.gpus), "hours_seen": self.rate.hours,
+            "signals": [s.reason for s in self.rate.signals],
             "expected_waste": expected_waste(max(interval, 1e-9), cost.total, mtbf, self.restart, ctx.persist or 0),
         }
         return self._last

@@ -50,7 +50,7 @@ def expected_waste(interval: float, cost: float, mtbf: float, restart: float = 0
     if restart < 0 or persist < 0:
         raise ConfigError("restart and persist must be >= 0")
     exponent = (interval + cost) / mtbf
-    if exponent > 700:  # the segment almost never completes
+    if exponent > 700 or (restart + persist) / mtbf > 700:  # the segment (or the restart) almost never completes
         return 1.0
     wall_per_work = mtbf * math.exp((restart + persist) / mtbf) * math.expm1(exponent) / interval
     return max(0.0, 1.0 - 1.0 / wall_per_work)

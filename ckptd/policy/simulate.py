@@ -29,7 +29,9 @@ class Scenario:
 
     gpus: int = 1024
     per_gpu_hour: float = 19.7e-6
-    """Calm failure rate per GPU-hour."""
+    """Calm hardware failure rate per GPU-hour."""
+    job_per_hour: float = 0.0
+    """Calm job-level failure rate per hour, whatever the GPU count (software, operator, preemption)."""
     hours: float = 24 * 7
     stall: float = 20.0
     persist: float = 90.0
@@ -48,13 +50,15 @@ class Scenario:
     def __post_init__(self) -> None:
         if self.kind not in ("exponential", "weibull", "bursty", "trace"):
             raise ConfigError(f"Scenario.kind={self.kind!r}: exponential, weibull, bursty or trace")
-        if self.gpus < 1 or self.per_gpu_hour <= 0 or self.hours <= 0 or self.stall < 0 or self.persist < 0:
-            raise ConfigError("Scenario: gpus >= 1, per_gpu_hour > 0, hours > 0, stall and persist >= 0")
+        if (self.gpus < 1 or self.per_gpu_hour < 0 or self.job_per_hour < 0 or self.hours <= 0 or self.stall < 0
+                or self.persist < 0 or not self.per_gpu_hour + self.job_per_hour > 0):
+            raise ConfigError("Scenario: gpus >= 1, failure rates >= 0 and not both 0, hours > 0, "
+                              "stall and persist >= 0")
 
     @property
     def mtbf(self) -> float:
         """Calm job MTBF in seconds."""
-        return 3600.0 / (self.per_gpu_hour * self.gpus)
+        return 3600.0 / (self.per_gpu_hour * self.gpus + self.job_per_hour)
 
 
 @dataclass
@@ -160,9 +164,11 @@ def fixed(seconds: float) -> Interval:
     return lambda t, risk, sim: seconds
 
 
-def adaptive(sc: Scenario, budget: float | None = 0.02) -> tuple[Interval, Callable[[], None]]:
+def adaptive(sc: Scenario, budget: float | None = 0.02,
+             max_interval: float | None = None) -> tuple[Interval, Callable[[], None]]:
     """The real RiskAwarePolicy, told of degraded periods as the daemon would tell it."""
-    policy = RiskAwarePolicy(fleet_rate=sc.per_gpu_hour, restart=sc.restart, stall_budget=budget)
+    policy = RiskAwarePolicy(fleet_rate=sc.per_gpu_hour, job_rate=sc.job_per_hour, restart=sc.restart,
+                             stall_budget=budget, **({} if max_interval is None else {"max_interval": max_interval}))
     last = [0.0]
 
     def interval(t: float, risk: float, sim: Sim) -> float:
@@ -225,6 +231,37 @@ def simulate(sc: Scenario, *, seeds: int = 20, every_steps: int = 1000, budget: 
     grid = grid or [60.0 * 1.15 ** k for k in range(60)]
     best = min(grid, key=lambda sec: statistics.fmean(Sim(sc, tl, fixed(sec)).run().waste for tl in tls))
     rows.append(_row("best fixed (hindsight)", f"{best:.0f} s", [Sim(sc, tl, fixed(best)).run() for tl in tls]))
+    return rows
+
+
+def against_frameworks(sc: Scenario, *, sync_stall: float, epoch_steps: int, seeds: int = 20) -> list[Row]:
+    """ckptd's default policy against the frameworks' defaults on the same failures.
+
+    Lightning's ModelCheckpoint saves at every epoch's end and the HF Trainer
+    every 500 steps; both save synchronously, so each save stalls the job
+    ``sync_stall`` seconds, where ckptd's overlapped snapshot stalls
+    ``sc.stall``. "ckptd before" is the policy that counted hardware only
+    (its interval ends at the old 6 h bound for a small job).
+    """
+    from dataclasses import replace
+
+    tls = [timeline(sc, seed) for seed in range(seeds)]
+    sync = replace(sc, stall=sync_stall)
+    rows = []
+    for name, seconds in ((f"Lightning per epoch ({epoch_steps} steps)", epoch_steps * sc.step_time),
+                          ("HF Trainer every 500 steps", 500 * sc.step_time)):
+        rows.append(_row(name, f"{seconds:.0f} s", [Sim(sync, tl, fixed(seconds)).run() for tl in tls]))
+    hw_only = replace(sc, job_per_hour=0.0) if sc.per_gpu_hour > 0 else sc
+    old, _ = adaptive(hw_only, 0.02, max_interval=6 * 3600.0)
+    before = old(0.0, 1.0, None)
+    rows.append(_row("ckptd before (hardware only)", f"{before:.0f} s",
+                     [Sim(sc, tl, fixed(before)).run() for tl in tls]))
+    runs, first = [], None
+    for tl in tls:
+        interval, on_failure = adaptive(sc, 0.02)
+        first = first or interval(0.0, 1.0, None)
+        runs.append(Sim(sc, tl, interval, on_failure).run())
+    rows.append(_row("ckptd default policy", f"{first:.0f} s at first", runs))
     return rows
 
 
