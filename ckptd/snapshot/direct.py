@@ -130,6 +130,10 @@ class DirectWriter:
         except OSError as e:
             if e.errno != errno.EINVAL:
                 raise
+            try:  # some file systems create the file, then refuse the flag; O_EXCL made it ours
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
             self._note_refusal(path)
             return -1
 
