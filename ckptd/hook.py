@@ -49,6 +49,7 @@ from .snapshot.rng import restore_rng
 from .snapshot.stage import HostPool, make_stager
 from .snapshot.write import write_snapshot
 from .store import open_store
+from .store.checksum import keep_reads
 from .store.file import FileStore
 
 log = logging.getLogger("ckptd")
@@ -261,6 +262,10 @@ class Checkpointer:
     def restore(self, step: int | None = None) -> int:
         """Load the newest verified snapshot (or ``step``); return the next step to run, 0 if none."""
         self._check_open()
+        with keep_reads():  # the files verified while choosing are the ones loaded: each is read once
+            return self._restore(step)
+
+    def _restore(self, step: int | None) -> int:
         try:
             manifest = choose(self.tiers, self._ranks, self._decide_group, step)
         except NoGoodSnapshot as e:

@@ -175,3 +175,74 @@ def test_full_disk_is_one_clear_error_and_leaves_no_file(tiny_tmpfs):
         with pytest.raises(SnapshotError, match="no space left .* the local tier is full; free space"):
             w.write(str(tiny_tmpfs / "f"), _segments(img), img.layout.size, algo="crc32")
     assert os.listdir(tiny_tmpfs) == []
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_load_reads_each_file_once_and_tensors_own_their_memory(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 2048), nn.Linear(2048, 1024))  # 16 MiB of weights, 48 with AdamW
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 1024)).sum().backward()
+    opt.step()
+    with ckptd.Checkpointer(str(tmp_path), model=model, optimizer=opt, policy="every:1000") as ck:
+        ck.save(0).durable.result(timeout=60)
+    size = sum(f.stat().st_size for f in (tmp_path / "step-000000000000").iterdir())
+    before = _rchar()
+    state = ckptd.load(str(tmp_path))
+    read = _rchar() - before
+    assert 0.9 * size <= read < 1.5 * size, f"read {read} bytes for a {size}-byte snapshot: files were read twice"
+    w = state["optimizer"]["state"][0]["exp_avg"]
+    assert_tree_equal(state["model"], model.state_dict())
+    assert w.untyped_storage().nbytes() == w.nbytes, "a loaded tensor must not be a view of the whole file"
+
+
+def test_checkpointer_restore_reads_each_file_once(tmp_path):
+    model, opt = make()
+    with ckptd.Checkpointer(str(tmp_path), model=model, optimizer=opt, policy="every:1000") as ck:
+        ck.save(0).durable.result(timeout=60)
+    size = sum(f.stat().st_size for f in (tmp_path / "step-000000000000").iterdir())
+    m2, o2 = make(seed=4)
+    with ckptd.Checkpointer(str(tmp_path), model=m2, optimizer=o2, policy="every:1000") as ck:
+        before = _rchar()
+        assert ck.restore() == 1
+        read = _rchar() - before
+    assert read < 1.5 * size + (1 << 16), f"read {read} bytes for a {size}-byte snapshot"
+    assert_tree_equal(m2.state_dict(), model.state_dict())
+    assert_tree_equal(o2.state_dict(), opt.state_dict())
+
+
+def test_a_file_changed_after_verification_is_caught_by_the_load_itself(tmp_path):
+    from ckptd.restore.find import read_manifest
+    from ckptd.restore.load import read_state
+    from ckptd.errors import SnapshotCorrupt
+    from ckptd.store.file import FileStore
+
+    model, opt = make()
+    with ckptd.Checkpointer(str(tmp_path), model=model, optimizer=opt, policy="every:1000") as ck:
+        ck.save(0).durable.result(timeout=60)
+    manifest = read_manifest(FileStore(str(tmp_path)), 0)
+    path = tmp_path / "step-000000000000" / "__0_0.distcp"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorrupt, match="does not match the manifest"):
+        read_state(str(tmp_path / "step-000000000000"), manifest)
+
+
+def test_snapshots_written_through_dcp_still_restore(tmp_path):
+    from ckptd.snapshot.flatten import flatten
+    from ckptd.snapshot.write import Ranks, write_snapshot
+    from ckptd.store.file import FileStore
+
+    model, opt = make()
+    leaves = flatten({"model": model.state_dict(), "optimizer": opt.state_dict()})
+    write_snapshot(FileStore(str(tmp_path)), 2, leaves, Ranks(), metrics={}, meta={})  # no image: DCP's writer
+    man = json.loads((tmp_path / "step-000000000002" / "ckptd.json").read_bytes())
+    assert man["meta"]["io"] == "dcp" and all(i.get("data_offset", -1) == -1 for i in man["items"])
+    state = ckptd.load(str(tmp_path))
+    assert_tree_equal(state["model"], model.state_dict())
+    assert_tree_equal(state["optimizer"], opt.state_dict())

@@ -13,6 +13,7 @@ from ..snapshot.manifest import step_dir
 from ..persist import retention
 from ..persist.tiers import Tiers
 from ..store import open_store
+from ..store.checksum import keep_reads
 from ..store.file import FileStore
 from .load import read_state
 
@@ -27,10 +28,11 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
         tiers = Tiers(opened, local=None if isinstance(opened, FileStore) else tmp, rank=0, world_size=1,
                       rule=retention.Retention(keep_last=1))
         try:
-            manifest = tiers.newest_good(step)
-            if manifest is None:
-                raise NoSnapshot(f"{opened.uri} holds no committed snapshot that verifies")
-            state = read_state(tiers.local.path_of(step_dir(manifest.step)), manifest)
+            with keep_reads():  # verified and loaded with one read of each file
+                manifest = tiers.newest_good(step)
+                if manifest is None:
+                    raise NoSnapshot(f"{opened.uri} holds no committed snapshot that verifies")
+                state = read_state(tiers.local.path_of(step_dir(manifest.step)), manifest)
         finally:
             tiers.close()
     if str(map_location) != "cpu":
