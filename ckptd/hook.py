@@ -39,6 +39,7 @@ from .progress import ProgressWriter
 from .restore.find import SnapshotInfo
 from .restore.load import read_state
 from .snapshot.capture import TrainingState, summarize
+from .snapshot.direct import DirectWriter
 from .snapshot.dirs import LocalCommit
 from .snapshot.failures import FailureLog, SnapshotFailedWarning
 from .snapshot.flatten import Leaf, flatten
@@ -48,6 +49,7 @@ from .snapshot.rng import restore_rng
 from .snapshot.stage import HostPool, make_stager
 from .snapshot.write import write_snapshot
 from .store import open_store
+from .store.checksum import keep_reads
 from .store.file import FileStore
 from .supervisor import run_history
 
@@ -134,8 +136,11 @@ class Checkpointer:
         self.measure = Measurements()
         self._pool = HostPool(pin=torch.cuda.is_available(), budget=self.config.staging_budget,
                               reserve=self.config.memory_reserve)
+        self._opened.append(self._pool.close)
         self._stager = make_stager()
         self._opened.append(self._stager.close)
+        self._writer = DirectWriter()
+        self._opened.append(self._writer.close)
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="ckptd-persist")
         self._opened.append(lambda: self._persist.shutdown(wait=True))
         self._pool_free = threading.Event()
@@ -148,6 +153,7 @@ class Checkpointer:
         self._auto_step: int | None = None
         self._attach_mode = False
         self._warned_backlog = False
+        self._pool_prepared = False
         self._step_seen = 0
         self._progress = ProgressWriter()
         self._opened.append(self._progress.close)
@@ -186,6 +192,7 @@ class Checkpointer:
         if self._preempt is not None and self._preempt.requested:
             self._exit_preempted(step, metrics)
         if not self._decide(self._wants_snapshot(step, now)):
+            self._prepare_pool()
             return False
         self._force = None
         try:
@@ -267,6 +274,10 @@ class Checkpointer:
     def restore(self, step: int | None = None) -> int:
         """Load the newest verified snapshot (or ``step``); return the next step to run, 0 if none."""
         self._check_open()
+        with keep_reads():  # the files verified while choosing are the ones loaded: each is read once
+            return self._restore(step)
+
+    def _restore(self, step: int | None) -> int:
         try:
             manifest, state = self._read_agreed(step)
         except NoGoodSnapshot as e:
@@ -397,6 +408,17 @@ class Checkpointer:
         self.measure.snapshot_started(step, time.monotonic())
         return handle
 
+    def _prepare_pool(self) -> None:
+        """Lay out the staging pool in the background once, after the optimizer has its state."""
+        if self._pool_prepared or not self._pool_free.is_set() or any(not o.state for o in self.state.optimizers):
+            return
+        self._pool_prepared = True
+        try:
+            leaves = flatten(self.state.capture(self._ranks.rank))
+        except CkptdError:
+            return  # the snapshot itself reports what is wrong with the state
+        self._pool.prepare({leaf.fqn: leaf.value for leaf in leaves if isinstance(leaf.value, torch.Tensor)})
+
     def _write(self, handle: SnapshotHandle, leaves: list[Leaf], metrics: dict, meta: dict) -> None:
         try:
             handle.staged.result()
@@ -407,7 +429,7 @@ class Checkpointer:
                                     "snapshot skipped: free space there or point local= at a larger disk")
             meta["stall_s"] = handle.stall
             done = write_snapshot(self.store, handle.step, leaves, self._ranks, metrics=metrics, meta=meta,
-                                  fence=self._place.fence)
+                                  fence=self._place.fence, image=self._pool.image, writer=self._writer)
             handle.advance(SnapshotState.WRITTEN)
             handle.advance(SnapshotState.COMMITTED)
         except BaseException as e:

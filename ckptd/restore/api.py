@@ -14,6 +14,7 @@ from ..snapshot.manifest import Manifest, step_dir
 from ..persist import retention
 from ..persist.tiers import Tiers
 from ..store import open_store
+from ..store.checksum import keep_reads
 from ..store.file import FileStore
 from .load import read_state
 
@@ -28,7 +29,8 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
         tiers = Tiers(opened, local=None if isinstance(opened, FileStore) else tmp, rank=0, world_size=1,
                       rule=retention.Retention(keep_last=1))
         try:
-            manifest, state = _newest_readable(tiers, step)
+            with keep_reads():  # verified and loaded with one read of each file
+                manifest, state = _newest_readable(tiers, step)
         finally:
             tiers.close()
     if str(map_location) != "cpu":

@@ -99,6 +99,8 @@ class Item:
     chunk_sizes: tuple[int, ...] = ()
     empty: str = ""
     """For kind ``empty``: the empty container (dict, list, tuple) DCP cannot hold."""
+    data_offset: int = -1
+    """For a tensor written from a file image: where its raw bytes start in ``file`` (-1: not known)."""
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,7 @@ def _item(i: dict, files: set[str], source: str) -> Item:
         chunk_offsets=tuple(_int(s, "chunk_offsets") for s in i.get("chunk_offsets", ())),
         chunk_sizes=tuple(_int(s, "chunk_sizes") for s in i.get("chunk_sizes", ())),
         empty=str(i.get("empty", "")),
+        data_offset=_int(i.get("data_offset", -1), "data_offset", low=-1),
     )
     if item.kind == "tensor":
         _check_tensor(item)

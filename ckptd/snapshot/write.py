@@ -30,10 +30,13 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from ..errors import SnapshotError, SnapshotExists
 from ..store.checksum import DEFAULT_ALGO, file_checksum
 from ..store.file import FileStore, fsync_dir, rename_noreplace
+from .direct import DirectWriter
 from .dirs import LocalCommit, attempt_dir, partial_dir
 from .flatten import Leaf
 from .manifest import MANIFEST, FileEntry, Item, Manifest, step_dir, utc_now
 from .parts import PartRecord, part_name
+from .stage import FileImage
+from .write_image import fits_image, write_image
 
 log = logging.getLogger("ckptd")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -223,14 +226,17 @@ def _finish(store: FileStore, directory: str, commit: LocalCommit, ranks: Ranks,
 
 def write_snapshot(
     store: FileStore, step: int, leaves: Sequence[Leaf], ranks: Ranks, *, metrics: dict, meta: dict,
-    fence: Callable[[], None] | None = None,
+    fence: Callable[[], None] | None = None, image: FileImage | None = None, writer: DirectWriter | None = None,
 ) -> LocalCommit:
     """Write, checksum and commit one snapshot into a local store; every rank calls it.
 
     The attempt is written in its own directory, a part record per rank
     beside the files, then the node leader renames it into place. Only this
     attempt's own directory is ever removed on failure. ``fence`` raises if
-    this writer may no longer commit (a lost lease).
+    this writer may no longer commit (a lost lease). A single rank whose
+    tensors were staged into ``image`` writes it with ``writer`` (O_DIRECT,
+    checksummed in the same pass); otherwise DCP writes and the files are
+    checksummed after.
     """
     t0 = time.monotonic()
     attempt = _attempt(store, step, ranks)
@@ -238,9 +244,13 @@ def write_snapshot(
     committed = False
     try:
         _in_each(ranks, "creating its attempt directory", lambda: os.makedirs(directory, exist_ok=True))
-        items = write_dcp(directory, leaves, ranks)
-        files = checksum_files(directory, ranks)
-        meta = {**meta, "write_s": time.monotonic() - t0}
+        if writer is not None and not ranks.distributed and fits_image(leaves, image):
+            done = write_image(directory, leaves, image, writer, rank=ranks.rank, algo=DEFAULT_ALGO)
+            items, files, io = done.items, done.files, done.io
+        else:
+            items = write_dcp(directory, leaves, ranks)
+            files, io = checksum_files(directory, ranks), "dcp"
+        meta = {**meta, "write_s": time.monotonic() - t0, "io": io}
         manifest, data = _agree_manifest(step, files, items, ranks, attempt, metrics=metrics, meta=meta)
         part = PartRecord.of(manifest, data, ranks.rank)
         _in_each(ranks, "writing its part record",
