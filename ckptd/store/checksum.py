@@ -89,7 +89,7 @@ def read_checksummed(path: str, algo: str = DEFAULT_ALGO) -> tuple[mmap.mmap, st
     chunk on the caller's (both release the GIL).
     """
     cs = Checksum(algo)
-    with open(path, "rb", buffering=0) as f:
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
         view = memoryview(buf)
