@@ -128,13 +128,19 @@ def test_cli_restore_refuses_it_and_falls_back_when_no_step_is_named(hostile, tm
 
 
 def test_a_snapshot_that_verifies_but_cannot_be_read_is_skipped_too(tmp_path):
-    """A manifest that lies about a dtype (same width, digest recomputed) passes the checksums; reading finds it."""
+    """A manifest that puts a tensor's data outside its record (digest recomputed) passes the checksums; reading
+    finds it, and every restore path falls back."""
     store = str(tmp_path / "store")
     run(store, 4)
-    _rewrite_manifest(os.path.join(store, STEP3, "ckptd.json"), lambda raw: next(
-        i for i in raw["items"] if i["kind"] == "tensor" and i["dtype"] == "float32").update(dtype="int32"))
+
+    def change(raw):
+        item = next(i for i in raw["items"] if i["kind"] == "tensor" and i.get("data_offset", -1) >= 0)
+        item["data_offset"] = item["offset"] + item["length"]
+    _rewrite_manifest(os.path.join(store, STEP3, "ckptd.json"), change)
+    assert "step 3: ok" in cli("verify", store, "--all").stdout, "the checksums still pass"
     code = RESTORE.format(tests=os.path.dirname(__file__), store=store)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-3000:]
     start, loaded, warned = res.stdout.strip().split(" ", 2)
-    assert (start, loaded) == ("2", "1") and f"skipping {STEP3}" in warned and "int32" in warned, res.stdout
+    assert (start, loaded) == ("2", "1") and f"skipping {STEP3}" in warned and "outside its record" in warned, \
+        res.stdout
