@@ -45,3 +45,23 @@ def s3env(seaweed, monkeypatch):
 @pytest.fixture
 def bucket(s3env):
     return s3env.make_bucket()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """``small_tmpfs(size)``: a real tmpfs of ``size`` (e.g. "2m") that fills; skipped without root."""
+    import subprocess
+
+    mounted = []
+
+    def mount(size: str):
+        mnt = tmp_path / f"tmpfs-{size}-{len(mounted)}"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)]).returncode != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        mounted.append(mnt)
+        return mnt
+
+    yield mount
+    for mnt in mounted:
+        subprocess.run(["umount", "-l", str(mnt)])

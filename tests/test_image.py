@@ -160,13 +160,8 @@ def test_pool_prepared_in_the_background_is_the_one_the_snapshot_uses():
 
 
 @pytest.fixture
-def tiny_tmpfs(tmp_path):
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+def tiny_tmpfs(small_tmpfs):
+    return small_tmpfs("1m")
 
 
 def test_full_disk_is_one_clear_error_and_leaves_no_file(tiny_tmpfs):

@@ -322,15 +322,9 @@ def test_manifest_rejects_paths_outside_the_snapshot(tmp_path):
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
+def tiny_disk(small_tmpfs):
     """A 2 MiB tmpfs, so the local tier really fills."""
-    import subprocess
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)]).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)])
+    return small_tmpfs("2m")
 
 
 def test_full_local_tier_skips_snapshots_and_keeps_the_committed(tiny_disk):

@@ -50,9 +50,10 @@ def download_snapshot(src: Store, step: int, dest: FileStore, *, progress: Progr
         raise SnapshotExists(f"{final} is already there; remove it first or pick another directory")
     if not isinstance(src, FileStore):  # judge each object by its listed size before fetching a byte
         sizes = {o.key: o.size for o in src.list(step_dir(step))}
-        wrong = [f"{f.name}: " + ("missing" if sizes.get(data_key(src, manifest, f.name)) is None else
-                                  f"{sizes[data_key(src, manifest, f.name)]} bytes, manifest says {f.size}")
-                 for f in manifest.files if sizes.get(data_key(src, manifest, f.name)) != f.size]
+        listed = {f.name: sizes.get(data_key(src, manifest, f.name)) for f in manifest.files}
+        wrong = [f"{f.name}: " + ("missing" if listed[f.name] is None else
+                                  f"{listed[f.name]} bytes, manifest says {f.size}")
+                 for f in manifest.files if listed[f.name] != f.size]
         if wrong:
             raise SnapshotCorrupt(f"{src.uri}/{step_dir(step)} does not verify: " + "; ".join(wrong))
     work = os.path.join(dest.root, f"{DOWNLOADS}{step_dir(step)}-{uuid.uuid4().hex[:8]}")
