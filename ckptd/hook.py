@@ -27,7 +27,7 @@ from . import _job
 from ._persist_client import PersistClient
 from ._restore_session import agree, choose
 from .config import CheckpointerConfig
-from .errors import CkptdError, ConfigError, NoGoodSnapshot, NoSnapshot, SnapshotCorrupt, SnapshotError
+from .errors import CkptdError, ConfigError, NoGoodSnapshot, NoSnapshot, SnapshotError
 from .measure import Measurements
 from .persist import retention
 from .persist.lease import env_job_id
@@ -36,6 +36,7 @@ from .persist.uploader import UploadConfig
 from .policy import PolicyContext, SnapshotPolicy, parse_policy
 from .preempt import EXIT_PREEMPTED, PreemptionWatch
 from .progress import ProgressWriter
+from .restore.fallback import newest_readable
 from .restore.find import SnapshotInfo
 from .restore.load import read_state
 from .snapshot.capture import TrainingState, summarize
@@ -308,29 +309,11 @@ class Checkpointer:
         return manifest.step + 1
 
     def _read_agreed(self, step: int | None) -> tuple[Manifest | None, Any]:
-        """The snapshot every rank restores and this rank's state of it; a snapshot that fails to read on
-        any rank is skipped for the next older one (unless ``step`` was asked for)."""
-        below, bad = None, []
-        while True:
-            manifest = choose(self.tiers, self._ranks, self._decide_group, step, below=below)
-            if manifest is None:
-                if bad:
-                    raise NoGoodSnapshot(f"no snapshot in {self.store.uri} can be read: " + "; ".join(bad),
-                                         problems=bad)
-                return None, None
-            state, problem = None, None
-            try:
-                state = read_state(self.store.path_of(step_dir(manifest.step)), manifest)
-            except (SnapshotCorrupt, OSError, ValueError) as e:
-                problem = str(e)
-            problem = agree(self._ranks, self._decide_group, problem)
-            if problem is None:
-                return manifest, state
-            if step is not None:
-                raise SnapshotCorrupt(f"{step_dir(step)} cannot be read: {problem}")
-            warnings.warn(f"ckptd: skipping {step_dir(manifest.step)}: {problem}", stacklevel=3)
-            bad.append(f"{step_dir(manifest.step)}: {problem}")
-            below = manifest.step
+        """The snapshot every rank restores and this rank's state of it (see restore/fallback.py)."""
+        return newest_readable(
+            lambda s, below: choose(self.tiers, self._ranks, self._decide_group, s, below=below),
+            lambda m: read_state(self.store.path_of(step_dir(m.step)), m), step=step, where=self.store.uri,
+            agree=lambda problem: agree(self._ranks, self._decide_group, problem))
 
     def _catch_up_schedulers(self) -> None:
         # attach() snapshots inside optimizer.step(), before the loop's scheduler.step().

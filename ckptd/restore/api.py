@@ -5,17 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 import tempfile
-import warnings
 
 import torch
 
-from ..errors import NoSnapshot, SnapshotCorrupt
+from ..errors import NoSnapshot
 from ..snapshot.manifest import Manifest, step_dir
 from ..persist import retention
 from ..persist.tiers import Tiers
 from ..store import open_store
 from ..store.checksum import keep_reads
 from ..store.file import FileStore
+from .fallback import newest_readable
 from .load import read_state
 
 
@@ -47,20 +47,14 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
 
 
 def _newest_readable(tiers: Tiers, step: int | None) -> tuple[Manifest, dict[str, Any]]:
-    """The asked or newest snapshot that verifies and reads; one that fails to read is skipped too."""
-    below = None
-    while True:
-        manifest = tiers.newest_good(step, below=below)
-        if manifest is None:
-            raise NoSnapshot(f"{tiers.local.uri if tiers.remote is None else tiers.remote.uri} holds no "
-                             "committed snapshot that verifies")
-        try:
-            return manifest, read_state(tiers.local.path_of(step_dir(manifest.step)), manifest)
-        except SnapshotCorrupt as e:
-            if step is not None:
-                raise
-            warnings.warn(f"ckptd: skipping {step_dir(manifest.step)}: {e}", stacklevel=3)
-            below = manifest.step
+    """The asked or newest snapshot that verifies and reads; NoSnapshot if the store holds none."""
+    where = tiers.local.uri if tiers.remote is None else tiers.remote.uri
+    manifest, state = newest_readable(lambda s, below: tiers.newest_good(s, below=below),
+                                      lambda m: read_state(tiers.local.path_of(step_dir(m.step)), m),
+                                      step=step, where=where)
+    if manifest is None:
+        raise NoSnapshot(f"{where} holds no committed snapshot that verifies")
+    return manifest, state
 
 
 def _to(obj: Any, device: Any) -> Any:

@@ -1,0 +1,38 @@
+"""The newest snapshot that is chosen and reads, else the next older one: one loop for every restore path."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+from ..errors import NoGoodSnapshot, SnapshotCorrupt
+from ..snapshot.manifest import Manifest, step_dir
+
+
+def newest_readable(choose: Callable[[int | None, int | None], Manifest | None],
+                    read: Callable[[Manifest], Any], *, step: int | None, where: str,
+                    agree: Callable[[str | None], str | None] = lambda problem: problem,
+                    ) -> tuple[Manifest | None, Any]:
+    """``choose(step, below)`` a snapshot, ``read`` it; a read that fails (on any rank, through ``agree``)
+    skips to an older one, unless ``step`` was asked for. (None, None) when there is none at all;
+    NoGoodSnapshot naming each defect when every one failed to read."""
+    below, bad = None, []
+    while True:
+        manifest = choose(step, below)
+        if manifest is None:
+            if bad:
+                raise NoGoodSnapshot(f"no snapshot in {where} can be read: " + "; ".join(bad), problems=bad)
+            return None, None
+        state, problem = None, None
+        try:
+            state = read(manifest)
+        except (SnapshotCorrupt, OSError, ValueError) as e:
+            problem = str(e)
+        problem = agree(problem)
+        if problem is None:
+            return manifest, state
+        if step is not None:
+            raise SnapshotCorrupt(f"{step_dir(step)} cannot be read: {problem}")
+        warnings.warn(f"ckptd: skipping {step_dir(manifest.step)}: {problem}", stacklevel=3)
+        bad.append(f"{step_dir(manifest.step)}: {problem}")
+        below = manifest.step
