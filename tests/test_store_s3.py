@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import pytest
 
@@ -34,6 +35,24 @@ def test_round_trip_multipart_and_ranged(bucket, tmp_path):
                                                                 "step-000000000001/x"]
     store.delete_prefix("step-000000000001")
     assert store.list("") == [] and not store.exists("step-000000000001/x")
+    store.close()
+
+
+def test_an_empty_file_does_not_poison_the_next_upload(bucket, tmp_path, caplog):
+    """An empty upload gets its final reply where botocore awaits "100 Continue"; the next request on that
+    pooled connection must still read its own reply, not stall until the read timeout."""
+    store = S3Store(bucket, "run", config=S3Config(read_timeout=10, max_attempts=1))
+    empty, full = tmp_path / "empty", tmp_path / "full"
+    empty.write_bytes(b"")
+    full.write_bytes(os.urandom(2 << 20))
+    caplog.set_level(logging.WARNING)
+    t0 = time.monotonic()
+    for i in range(3):
+        store.put_file(f"s/{i}/empty", str(empty))
+        store.put_file(f"s/{i}/full", str(full))
+    assert time.monotonic() - t0 < 10, "an upload waited out the read timeout"
+    assert not [r for r in caplog.records if "Failed to parse headers" in r.getMessage()]
+    assert [o.size for o in store.list("s/2")] == [0, 2 << 20]
     store.close()
 
 

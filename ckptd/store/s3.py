@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import boto3
+from botocore import handlers
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 from s3transfer.exceptions import RetriesExceededError
@@ -104,6 +105,7 @@ class S3Store:
             connect_timeout=self.config.connect_timeout,
             read_timeout=self.config.read_timeout,
         ))
+        _without_expect_continue(self._client)
         self._transfers = TransferManager(self._client, TransferConfig(
             multipart_threshold=self.config.part_size + 1,
             multipart_chunksize=self.config.part_size,
@@ -318,3 +320,14 @@ def _code(e: ClientError) -> str:
 
 def _message(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Message", "")).splitlines()[0][:200] if e.response else ""
+
+
+def _without_expect_continue(client) -> None:
+    """Send S3 bodies without ``Expect: 100-continue``.
+
+    botocore keeps the status line of a final reply that arrives where it awaits "100 Continue" (an empty
+    body's reply does, from SeaweedFS and MinIO) and reads the *next* reply on that pooled connection
+    against it, which stalls that upload for the whole read timeout (boto/botocore#3755). Without the
+    header an early error costs one part's bytes sent in vain, never a stall.
+    """
+    client.meta.events.unregister("before-call.s3", handlers.add_expect_header)
