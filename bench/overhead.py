@@ -13,8 +13,8 @@ background thread and writes nothing; "raw O_DIRECT" does the same copy
 into a 4 KiB-aligned arena, then writes it with O_DIRECT from a thread and
 fsyncs (no format, no checksum). After the rounds, the persist throughput
 of ckptd's local tier (its manifest's write_s) is printed beside a raw
-O_DIRECT write of the same bytes. Timings here are noisy: compare within a
-run. Never fails on timing.
+O_DIRECT write of the same bytes with training idle (bench/persist.py
+compares the two both idle). Timings here are noisy: compare within a run. Never fails on timing.
 
     python bench/overhead.py [--rounds 5] [--dir /tmp] [--only ckptd,copy_only,...]
 """
@@ -295,8 +295,9 @@ def main() -> int:
         path = os.path.join(args.dir, f"ckptd-raw-{os.getpid()}")
         raw = statistics.median(raw_direct_write(path, memoryview(buf)) for _ in range(3))
         os.unlink(path)
-        print(f"persist, local tier: ckptd {size / write_s / _MiB:.0f} MiB/s ({io}, median write_s {write_s:.3f} s); "
-              f"raw O_DIRECT write of {size / _MiB:.0f} MiB {size / raw / _MiB:.0f} MiB/s; ratio {raw / write_s:.2f}")
+        print(f"persist, local tier, while training: ckptd {size / write_s / _MiB:.0f} MiB/s ({io}, median write_s "
+              f"{write_s:.3f} s); raw O_DIRECT write of {size / _MiB:.0f} MiB, training idle, "
+              f"{size / raw / _MiB:.0f} MiB/s; ratio {raw / write_s:.2f} (bench/persist.py compares both idle)")
     return 0
 
 
