@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -160,3 +162,40 @@ def test_boto_debug_logs_are_redacted(bucket, monkeypatch, caplog):
     assert "X-Amz-Security-Token" in caplog.text, "botocore logged the request headers"
     assert "token-that-must-not-leak" not in caplog.text
     assert "Signature=<redacted>" in caplog.text or "Signature=" not in caplog.text
+
+
+def test_an_endpoint_that_is_not_s3_is_named_as_such(tmp_path):
+    """A proxy or web server answering 404 to everything is not "a missing bucket"."""
+    import http.server
+    import socketserver
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with socketserver.TCPServer(("127.0.0.1", 0), NotFound) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{httpd.server_address[1]}",
+               "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_DEFAULT_REGION": "us-east-1"}
+        res = subprocess.run([sys.executable, "-m", "ckptd.cli", "ls", "s3://b/run"], env=env,
+                             capture_output=True, text=True, timeout=60)
+        httpd.shutdown()
+    assert res.returncode == 1
+    assert "no S3 headers" in res.stderr and "AWS_ENDPOINT_URL" in res.stderr and "does not exist" not in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_an_unreachable_endpoint_fails_within_seconds_naming_it():
+    """Tried as a new user would: the default configuration, through the CLI."""
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "a",
+           "AWS_SECRET_ACCESS_KEY": "b", "AWS_DEFAULT_REGION": "us-east-1"}
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, "-m", "ckptd.cli", "ls", "s3://b/run"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1 and "cannot reach the S3 endpoint http://127.0.0.1:9" in res.stderr
+    assert time.monotonic() - t0 < 8, "an unreachable endpoint must fail fast, not after retries and backoff"

@@ -142,6 +142,10 @@ class S3Store:
         except ClientError as e:
             code = _code(e)
             if code in ("404", "NoSuchBucket", "NotFound"):
+                if not _from_s3(e):
+                    raise StoreUnreachable(
+                        f"{self.endpoint} answered 404 for bucket {self.bucket!r} with no S3 headers: it does not "
+                        "look like an S3 endpoint; check AWS_ENDPOINT_URL (and any proxy on the way)") from e
                 raise StoreUnreachable(
                     f"bucket {self.bucket!r} does not exist at {self.endpoint}; create it or fix the name") from e
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
@@ -320,6 +324,12 @@ def _code(e: ClientError) -> str:
 
 def _message(e: ClientError) -> str:
     return str(e.response.get("Error", {}).get("Message", "")).splitlines()[0][:200] if e.response else ""
+
+
+def _from_s3(e: ClientError) -> bool:
+    """True if the error reply carries the headers every S3 implementation sends (x-amz-request-id, ...)."""
+    headers = e.response.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    return any(name.lower().startswith("x-amz-") for name in headers)
 
 
 def _without_expect_continue(client) -> None:
