@@ -159,6 +159,17 @@ def test_pool_prepared_in_the_background_is_the_one_the_snapshot_uses():
     pool.close()
 
 
+def test_closing_a_pool_still_being_laid_out_waits_for_it_and_frees_it():
+    """The layout thread must not outlive close(): killed inside torch at exit, it aborts the process."""
+    import threading
+
+    pool = HostPool(pin=False)
+    fut = pool.prepare({f"w{i}": torch.zeros(i + 1) for i in range(3000)})  # 3000 record headers to make
+    pool.close()
+    assert fut.done() and pool.image is None
+    assert not [t for t in threading.enumerate() if t.name == "ckptd-pool"]
+
+
 @pytest.fixture
 def tiny_tmpfs(small_tmpfs):
     return small_tmpfs("1m")

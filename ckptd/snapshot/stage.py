@@ -144,7 +144,8 @@ class HostPool:
                 fut.set_result(None)
 
         self._preparing = fut
-        threading.Thread(target=run, name="ckptd-pool", daemon=True).start()
+        # not a daemon: killed inside torch at interpreter exit, it would abort the process
+        threading.Thread(target=run, name="ckptd-pool").start()
         return fut
 
     def buffers_for(self, specs: dict[str, torch.Tensor], *, step: int) -> dict[str, torch.Tensor]:
@@ -209,6 +210,10 @@ class HostPool:
             )
 
     def close(self) -> None:
+        """Free the pool, after a layout still being made in the background has finished."""
+        if self._preparing is not None:
+            wait_futures([self._preparing])
+            self._preparing = None
         if self.image is not None:
             self.image.close()
             self.image = None
