@@ -113,6 +113,10 @@ class DcpAsync(Method):
 
         self.kind = AsyncCheckpointerType.PROCESS if kind == "process" else AsyncCheckpointerType.THREAD
         self.fut = None
+        self.own_group = False
+        if kind == "process" and not torch.distributed.is_initialized():  # its writer process needs one
+            torch.distributed.init_process_group("gloo", init_method=f"file://{work}/pg", rank=0, world_size=1)
+            self.own_group = True
 
     def snapshot(self):
         import torch.distributed.checkpoint as dcp
@@ -129,6 +133,11 @@ class DcpAsync(Method):
             fut = getattr(self.fut, "upload_completion", self.fut)
             fut.result()
             self.fut = None
+
+    def close(self):
+        super().close()
+        if self.own_group:
+            torch.distributed.destroy_process_group()
 
 
 class TorchSnapshot(Method):
