@@ -146,7 +146,8 @@ def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
         _json(info)
         return
     head = [f"{k}: {info.get(k)}" for k in ("step", "created", "world_size", "host", "format") if info.get(k)]
-    click.echo("\n".join(head + [f"size: {_size(info['nbytes'])}", f"metrics: {info.get('metrics', {})}",
+    click.echo("\n".join(head + [f"size: {_size(info['nbytes'])}", *_written(info.get("meta") or {}),
+                                 f"metrics: {info.get('metrics', {})}",
                                  f"rng streams: {', '.join(info['rng']) or 'none'}"]))
     for group in dict.fromkeys(t["group"] for t in info["tensors"]):
         rows = [t for t in info["tensors"] if t["group"] == group]
@@ -160,6 +161,19 @@ def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
         for name, value in _leaves(values):
             table.add_row(name, value)
         _print(table)
+
+
+_IO_PATHS = {"o_direct": "O_DIRECT from the file image", "buffered": "buffered (the file system refused O_DIRECT)",
+             "dcp": "dcp.save, then checksummed"}
+
+
+def _written(meta: dict) -> list[str]:
+    """The line saying how the snapshot reached the local tier, when its manifest records it."""
+    io, secs = meta.get("io"), meta.get("write_s")
+    if io is None:
+        return []
+    took = f" in {secs:.2f} s" if isinstance(secs, (int, float)) else ""
+    return [f"written: {_IO_PATHS.get(io, io)}{took}"]
 
 
 def _leaves(value, prefix: str = ""):

@@ -123,6 +123,11 @@ def test_restore_gc_diff_plot(local, tmp_path):
     png = tmp_path / "timeline.png"
     assert "2 snapshots" in cli("plot", store, "-o", str(png))
     assert png.read_bytes()[:4] == b"\x89PNG"
+    from ckptd.tools.timeline import points
+    paths = {r["io"] for r in points(FileStore(store))}
+    assert len(paths) == 1 and paths <= {"o_direct", "buffered"}, "the timeline knows each write's path"
+    said = {"o_direct": "written: O_DIRECT from the file image", "buffered": "written: buffered"}[paths.pop()]
+    assert said in cli("inspect", store)
 
 
 def test_user_errors_are_one_line_with_a_non_zero_exit(tmp_path):

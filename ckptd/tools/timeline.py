@@ -20,8 +20,13 @@ def points(store: Store) -> list[dict[str, Any]]:
         policy = m.meta.get("policy") or {}
         rows.append({"step": step, "created": m.created_at, "stall_s": m.meta.get("stall_s"),
                      "write_s": m.meta.get("write_s"), "interval_s": policy.get("interval"),
-                     "risk": policy.get("risk"), "pid": m.meta.get("pid"), "nbytes": m.nbytes})
+                     "risk": policy.get("risk"), "pid": m.meta.get("pid"), "nbytes": m.nbytes,
+                     "io": m.meta.get("io")})
     return rows
+
+
+_IO_MARKERS = {"o_direct": ("s", "with O_DIRECT"), "buffered": ("^", "buffered"), "dcp": ("D", "by dcp.save")}
+"""The write path a manifest records (``meta["io"]``): its marker and words in the timeline."""
 
 
 def plot(store: Store, out: str) -> int:
@@ -39,7 +44,11 @@ def plot(store: Store, out: str) -> int:
     t = [r["created"] for r in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), dpi=120, sharex=True)
     top.plot(t, [r["stall_s"] or 0 for r in rows], "o-", ms=3, label="training stall (s)")
-    top.plot(t, [r["write_s"] or 0 for r in rows], "s-", ms=3, label="write to local tier (s)")
+    top.plot(t, [r["write_s"] or 0 for r in rows], "-", color="C1", lw=1, label="write to local tier (s)")
+    for (io, (marker, words)), color in zip(_IO_MARKERS.items(), ("C1", "C3", "C4")):
+        at = [(r["created"], r["write_s"]) for r in rows if r["io"] == io and r["write_s"] is not None]
+        if at:
+            top.plot(*zip(*at), marker, color=color, ms=4, label=f"  written {words}")
     top.set_ylabel("seconds per snapshot")
     top.legend(fontsize=8)
     gaps = [None] + [(b["created"] - a["created"]).total_seconds() for a, b in zip(rows, rows[1:])]
