@@ -1,9 +1,12 @@
 """A stand-in for pynvml with its names, constants and error classes, fed by a scripted timeline.
 
-$FAKE_NVML_TIMELINE names a JSON file: {"gpus": N, "missing": bool, "events":
-[{"t": seconds after nvmlInit, "gpu": i, "xid": n} or {"t", "gpu", "set": {counter: value}}]}.
+$FAKE_NVML_TIMELINE names a JSON file: {"gpus": N, "missing": bool, "not_supported": [function names],
+"driver": str, "cuda": int, "events": [{"t": seconds after nvmlInit, "gpu": i, "xid": n} or
+{"t", "gpu", "set": {counter: value}}]}.
 Counters: ecc_uncorrected, ecc_corrected, remap_pending, remap_failed, retired_pending,
-clock_reasons, temperature, pcie_replays, lost.
+clock_reasons, temperature, pcie_replays, lost, processes (pids computing on the GPU).
+A function named in "not_supported" raises NVMLError_NotSupported, as older drivers do.
+Identity follows pynvml: name and UUID as str, PCI info a struct whose busId is bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ class NVMLError(Exception):
 
 class NVMLError_Uninitialized(NVMLError):
     value = 1
+
+
+class NVMLError_NotSupported(NVMLError):
+    value = 3
 
 
 class NVMLError_LibraryNotFound(NVMLError):
@@ -54,12 +61,44 @@ nvmlClocksEventReasonHwPowerBrakeSlowdown = 128
 
 _state: dict = {}
 
+NAME = "NVIDIA H100 80GB HBM3"
+DRIVER = "550.54.15"
+CUDA = 12040
+
 
 @dataclass
 class _Event:
     device: int
     eventType: int
     eventData: int
+
+
+@dataclass
+class _PciInfo:
+    busId: bytes
+    domain: int
+    bus: int
+    device: int
+
+
+@dataclass
+class _Process:
+    pid: int
+    usedGpuMemory: int
+
+
+def uuid(index: int) -> str:
+    """The fake UUID of GPU ``index`` (tests compare against it)."""
+    return f"GPU-{index:08x}-fa4e-4e1b-9c3d-0000000000{index:02x}"
+
+
+def bus_id(index: int) -> str:
+    return f"00000000:{0x18 + index:02X}:00.0"
+
+
+def _supported(fn: str) -> None:
+    if fn in _state["tl"].get("not_supported", []):
+        raise NVMLError_NotSupported()
 
 
 def _timeline() -> dict:
@@ -74,7 +113,7 @@ def nvmlInit() -> None:
     _state.update(t0=time.monotonic(), tl=tl, applied=0, xids=[],
                   gpus=[{"ecc_uncorrected": 0, "ecc_corrected": 0, "remap_pending": 0, "remap_failed": 0,
                          "retired_pending": 0, "clock_reasons": 0, "temperature": 50, "pcie_replays": 0,
-                         "lost": False} for _ in range(tl.get("gpus", 1))])
+                         "lost": False, "processes": []} for _ in range(tl.get("gpus", 1))])
 
 
 def _advance() -> None:
@@ -157,4 +196,36 @@ def nvmlDeviceGetPcieReplayCounter(handle: int) -> int:
 
 
 def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list:
-    return []
+    g = _gpu(handle)
+    _supported("nvmlDeviceGetComputeRunningProcesses")
+    return [_Process(pid, 1 << 30) for pid in g["processes"]]
+
+
+def nvmlSystemGetDriverVersion() -> str:
+    _advance()
+    _supported("nvmlSystemGetDriverVersion")
+    return _state["tl"].get("driver", DRIVER)
+
+
+def nvmlSystemGetCudaDriverVersion() -> int:
+    _advance()
+    _supported("nvmlSystemGetCudaDriverVersion")
+    return _state["tl"].get("cuda", CUDA)
+
+
+def nvmlDeviceGetName(handle: int) -> str:
+    _gpu(handle)
+    _supported("nvmlDeviceGetName")
+    return NAME
+
+
+def nvmlDeviceGetUUID(handle: int) -> str:
+    _gpu(handle)
+    _supported("nvmlDeviceGetUUID")
+    return uuid(handle)
+
+
+def nvmlDeviceGetPciInfo(handle: int) -> _PciInfo:
+    _gpu(handle)
+    _supported("nvmlDeviceGetPciInfo")
+    return _PciInfo(bus_id(handle).encode(), 0, 0x18 + handle, 0)
