@@ -512,6 +512,7 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
     from rich.console import Console
     from rich.table import Table
 
+    from .preempt import EXIT_PREEMPTED
     from .supervisor import RunConfig, Supervisor
 
     if command[0].startswith("-"):
@@ -535,6 +536,11 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
         table.add_row(str(i), r.cause, "-" if r.lost_steps is None else str(r.lost_steps), _fmt_s(r.detection_s),
                       _fmt_s(r.restart_s), _fmt_s(r.restore_s), _fmt_s(r.catch_up_s), _fmt_s(r.recovery_s))
     console.print(table)
+    if summary.exit_code == EXIT_PREEMPTED:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a Slurm requeue signals us too; we are exiting 75 anyway
+        Supervisor.requeue_if_preempted(summary)
     raise SystemExit(summary.exit_code)
 
 

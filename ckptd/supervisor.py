@@ -139,6 +139,10 @@ def with_nproc(command: Sequence[str], nproc: int) -> list[str]:
     return cmd
 
 
+class _RequeuedElsewhere(Exception):
+    """Slurm took the job to run without this node; this run ends here."""
+
+
 class Supervisor:
     """Runs one job until it succeeds, is preempted or runs out of restarts. Not thread-safe."""
 
@@ -178,7 +182,10 @@ class Supervisor:
         restarts: list[Restart] = self._restarts
         self._run_started = time.monotonic()
         while True:
-            code, noticed, noticed_at = self._launch_and_wait()
+            try:
+                code, noticed, noticed_at = self._launch_and_wait()
+            except _RequeuedElsewhere as e:
+                return self._finish(str(e), EXIT_PREEMPTED, restarts)
             if code == 0:
                 return self._finish("completed", 0, restarts)
             if self._sigterm_at is not None:
@@ -261,10 +268,30 @@ class Supervisor:
         from . import slurm
 
         if slurm.in_slurm():
-            log.warning("ckptd run: no healthy GPU on %s; requeueing Slurm job %s without it",
-                        slurm.this_node(), os.environ["SLURM_JOB_ID"])
-            slurm.requeue_excluding(os.environ["SLURM_JOB_ID"], slurm.this_node(),
-                                    excluded=os.environ.get("SLURM_JOB_EXCLUDED_NODES", ""))
+            job, node = os.environ["SLURM_JOB_ID"], slurm.this_node()
+            log.warning("ckptd run: no healthy GPU on %s; requeueing Slurm job %s without it", node, job)
+            slurm.requeue_excluding(job, node)
+            raise _RequeuedElsewhere(f"requeued Slurm job {job} without node {node}")
+
+    @staticmethod
+    def requeue_if_preempted(summary: RunSummary) -> bool:
+        """Under Slurm, requeue a preempted run that Slurm itself is not ending; True if requeued.
+
+        Call it last: the requeue makes Slurm SIGTERM every process of the job, this one too.
+        """
+        from . import slurm
+        from .errors import CkptdError
+
+        if summary.outcome != "preempted" or not slurm.in_slurm():
+            return False
+        job = os.environ["SLURM_JOB_ID"]
+        try:
+            if slurm.requeue_after_preemption(job):
+                log.warning("ckptd run: requeued Slurm job %s; it resumes from its newest snapshot", job)
+                return True
+        except CkptdError as e:
+            log.warning("ckptd run: preempted; could not requeue Slurm job %s: %s", job, e)
+        return False
 
     def _launch_and_wait(self) -> tuple[int, float, float]:
         """Run the job once; return its exit code, a bound on how late its end was seen, and when."""

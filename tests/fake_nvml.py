@@ -2,7 +2,8 @@
 
 $FAKE_NVML_TIMELINE names a JSON file: {"gpus": N, "missing": bool, "not_supported": [function names],
 "driver": str, "cuda": int, "events": [{"t": seconds after nvmlInit, "gpu": i, "xid": n} or
-{"t", "gpu", "set": {counter: value}}]}.
+{"t", "gpu", "set": {counter: value}}]}; an event with "when_exists": PATH instead of "t" happens once
+PATH exists (a test's cue, so a fault lands while the job runs however slowly it started).
 Counters: ecc_uncorrected, ecc_corrected, remap_pending, remap_failed, retired_pending,
 clock_reasons, temperature, pcie_replays, lost, processes (pids computing on the GPU).
 A function named in "not_supported" raises NVMLError_NotSupported, as older drivers do.
@@ -110,7 +111,7 @@ def nvmlInit() -> None:
     tl = _timeline()
     if tl.get("missing"):
         raise NVMLError_LibraryNotFound()
-    _state.update(t0=time.monotonic(), tl=tl, applied=0, xids=[],
+    _state.update(t0=time.monotonic(), tl=tl, applied=0, xids=[], cued=set(),
                   gpus=[{"ecc_uncorrected": 0, "ecc_corrected": 0, "remap_pending": 0, "remap_failed": 0,
                          "retired_pending": 0, "clock_reasons": 0, "temperature": 50, "pcie_replays": 0,
                          "lost": False, "processes": []} for _ in range(tl.get("gpus", 1))])
@@ -120,13 +121,21 @@ def _advance() -> None:
     if "t0" not in _state:
         raise NVMLError_Uninitialized()
     now = time.monotonic() - _state["t0"]
-    events = sorted(_state["tl"].get("events", []), key=lambda e: e["t"])
+    all_events = _state["tl"].get("events", [])
+    events = sorted((e for e in all_events if "t" in e), key=lambda e: e["t"])
     while _state["applied"] < len(events) and events[_state["applied"]]["t"] <= now:
-        ev = events[_state["applied"]]
+        _apply(events[_state["applied"]])
         _state["applied"] += 1
-        if "xid" in ev:
-            _state["xids"].append(_Event(ev["gpu"], nvmlEventTypeXidCriticalError, ev["xid"]))
-        _state["gpus"][ev["gpu"]].update(ev.get("set", {}))
+    for i, ev in enumerate(all_events):
+        if "when_exists" in ev and i not in _state["cued"] and os.path.exists(ev["when_exists"]):
+            _state["cued"].add(i)
+            _apply(ev)
+
+
+def _apply(ev: dict) -> None:
+    if "xid" in ev:
+        _state["xids"].append(_Event(ev["gpu"], nvmlEventTypeXidCriticalError, ev["xid"]))
+    _state["gpus"][ev["gpu"]].update(ev.get("set", {}))
 
 
 def _gpu(handle: int) -> dict:

@@ -1,0 +1,127 @@
+"""`ckptd run` under a real Slurm (munged, slurmctld, slurmd on this host): preemption, requeue, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+import ckptd
+from _slurm import SlurmCluster, why_not
+from _trainer import TRAIN, assert_same_state, read_losses
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+WHY_NOT = why_not()
+pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    cluster = SlurmCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+class Job:
+    """A batch job running `ckptd run -- python examples/train.py ...`, its files in one directory."""
+
+    def __init__(self, slurm: SlurmCluster, tmp, train_args: list[str], run_args: list[str] = (),
+                 env: dict | None = None) -> None:
+        self.slurm, self.dir = slurm, tmp
+        self.store, self.losses, self.out = str(tmp / "store"), str(tmp / "loss.log"), str(tmp / "job.out")
+        self.socket = tempfile.mkdtemp(prefix="cks-", dir="/tmp") + "/d.sock"
+        script = tmp / "job.sh"
+        cmd = [sys.executable, "-m", "ckptd.cli", "run", "--store", self.store, "--socket", self.socket,
+               "--backoff", "0.1", *run_args, "--", sys.executable, TRAIN, "--loss-log", self.losses, *train_args]
+        script.write_text("#!/bin/bash\nexec " + " ".join(f"'{c}'" for c in cmd) + "\n")
+        env = slurm.env(PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
+        self.id = slurm.sbatch("--requeue", "--open-mode=append", "-o", self.out, "-D", str(tmp), str(script),
+                               env=env)
+
+    def output(self) -> str:
+        with open(self.out) as f:
+            return f.read()
+
+    def wait_for_steps(self, n: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while not (os.path.exists(self.losses) and len(open(self.losses).readlines()) >= n):
+            fields = self.slurm.job(self.id)
+            assert time.monotonic() < deadline and fields["JobState"] in ("PENDING", "RUNNING"), (
+                f"{fields}\n{self.output() if os.path.exists(self.out) else ''}\n{self.slurm.logs()}")
+            time.sleep(0.2)
+
+    def starts(self) -> list[int]:
+        return [int(m) for m in re.findall(r"^starting at step (\d+)", self.output(), re.M)]
+
+
+ARGS = ["--steps", "300", "--policy", "every:100000", "--width", "128", "--step-sleep", "0.02"]
+
+
+def test_preempted_job_snapshots_is_requeued_and_resumes_from_that_snapshot(slurm, tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run([sys.executable, TRAIN, "--store", str(ref / "s"), *ARGS, "--out", str(ref / "final.pt"),
+                    "--loss-log", str(ref / "loss.log")], check=True, capture_output=True, timeout=300)
+    job = Job(slurm, tmp_path, [*ARGS, "--out", str(tmp_path / "final.pt")], ["--grace", "30"])
+    job.wait_for_steps(40)
+    slurm.run("scancel", "--signal=TERM", "--batch", job.id, check=True)  # Slurm's preemption warning
+    done = slurm.wait_job(job.id, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 180,
+                          "the requeued job to finish")
+    out = job.output()
+    assert done["JobState"] == "COMPLETED" and done["Restarts"] == "1", out
+    assert "ckptd run: preempted in" in out and f"ckptd run: requeued Slurm job {job.id};" in out, out
+    assert "killed by SIGKILL" not in out, out
+    # Policy every:100000: the one snapshot is the emergency one, and the second run starts right after it.
+    (snap,) = ckptd.list_snapshots(job.store)
+    assert snap.committed and job.starts() == [0, snap.step + 1], out
+    assert_same_state(str(ref / "final.pt"), str(tmp_path / "final.pt"))
+    assert read_losses(job.losses) == read_losses(str(ref / "loss.log"))
+
+
+def test_fatal_gpu_requeues_the_job_without_this_node(slurm, tmp_path):
+    cue = tmp_path / "fault-now"
+    timeline = tmp_path / "timeline.json"
+    timeline.write_text(json.dumps({"gpus": 1, "events": [{"when_exists": str(cue), "gpu": 0, "xid": 79}]}))
+    job = Job(slurm, tmp_path, ["--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02"],
+              ["--gpus", "0", "--grace", "30"],
+              env={"CKPTD_NVML_MODULE": "fake_nvml", "FAKE_NVML_TIMELINE": str(timeline)})
+    try:
+        job.wait_for_steps(20)
+        cue.touch()
+        held = slurm.wait_job(job.id, lambda f: f["Restarts"] == "1" and f["JobState"] == "PENDING", 120,
+                              "the requeue")
+        assert held["ExcNodeList"] == slurm.node, held
+        deadline = time.monotonic() + 60
+        while f"requeued Slurm job {job.id} without node {slurm.node}" not in job.output():
+            assert time.monotonic() < deadline, job.output()
+            time.sleep(0.2)
+        # The daemon stopped the job for the fault: it took its emergency snapshot first.
+        assert "preempted (exit 75)" in job.output()
+        (snap,) = ckptd.list_snapshots(job.store)
+        assert snap.committed
+        time.sleep(2 * 2 + 1)  # past a scheduling pass: it stays pending, since its only node is excluded
+        assert slurm.job(job.id)["JobState"] == "PENDING"
+    finally:
+        slurm.run("scancel", job.id)
+
+
+def test_status_names_the_slurm_job_and_scancel_is_not_requeued(slurm, tmp_path):
+    job = Job(slurm, tmp_path, ["--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02"])
+    try:
+        job.wait_for_steps(5)
+        st = subprocess.run([sys.executable, "-m", "ckptd.cli", "status", "--socket", job.socket, "--json"],
+                            capture_output=True, text=True, timeout=60)
+        (row,) = json.loads(st.stdout)["jobs"]
+        assert row["job"] == job.id
+        text = subprocess.run([sys.executable, "-m", "ckptd.cli", "status", "--socket", job.socket],
+                              capture_output=True, text=True, timeout=60).stdout
+        assert re.search(rf"│ {job.id} +│ {row['pid']} +│ 0 ", text), text
+    finally:
+        slurm.run("scancel", job.id, check=True)  # an end, not a preemption warning: Slurm's to decide
+    ended = slurm.wait_job(job.id, lambda f: f["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), 60, "scancel")
+    assert ended["JobState"] == "CANCELLED" and ended["Restarts"] == "0", ended
