@@ -105,7 +105,8 @@ def test_fatal_gpu_requeues_the_job_without_this_node(slurm, tmp_path):
         (snap,) = ckptd.list_snapshots(job.store)
         assert snap.committed
         time.sleep(2 * 2 + 1)  # past a scheduling pass: it stays pending, since its only node is excluded
-        assert slurm.job(job.id)["JobState"] == "PENDING"
+        now = slurm.job(job.id)
+        assert now["JobState"] == "PENDING" and "held" not in now["Reason"], now  # released, not left on hold
     finally:
         slurm.run("scancel", job.id)
 
