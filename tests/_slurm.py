@@ -122,7 +122,8 @@ class SlurmCluster:
                 raise RuntimeError(f"timed out waiting for {what}:\n{self.logs()}")
             time.sleep(0.2)
 
-    def stop(self) -> None:
+    def stop(self, *, remove: bool = False) -> None:
+        """End slurmd, slurmctld and munged (SIGTERM, then SIGKILL after 30 s); ``remove`` their directory too."""
         for name in ("slurmd", "slurmctld", "munged"):
             p = self._procs.pop(name, None)
             if p is None or p.poll() is not None:
@@ -133,6 +134,8 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+        if remove:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- using it -------------------------------------------------------------
 

@@ -25,14 +25,14 @@ pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=str(WHY_NOT))
 def slurm():
     cluster = SlurmCluster().start()
     yield cluster
-    cluster.stop()
+    cluster.stop(remove=True)
 
 
 class Job:
     """A batch job running `ckptd run -- python examples/train.py ...`, its files in one directory."""
 
     def __init__(self, slurm: SlurmCluster, tmp, train_args: list[str], run_args: list[str] = (),
-                 env: dict | None = None) -> None:
+                 env: dict | None = None, requeue: str = "--requeue") -> None:
         self.slurm, self.dir = slurm, tmp
         self.store, self.losses, self.out = str(tmp / "store"), str(tmp / "loss.log"), str(tmp / "job.out")
         self.socket = tempfile.mkdtemp(prefix="cks-", dir="/tmp") + "/d.sock"
@@ -41,7 +41,7 @@ class Job:
                "--backoff", "0.1", *run_args, "--", sys.executable, TRAIN, "--loss-log", self.losses, *train_args]
         script.write_text("#!/bin/bash\nexec " + " ".join(f"'{c}'" for c in cmd) + "\n")
         env = slurm.env(PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
-        self.id = slurm.sbatch("--requeue", "--open-mode=append", "-o", self.out, "-D", str(tmp), str(script),
+        self.id = slurm.sbatch(requeue, "--open-mode=append", "-o", self.out, "-D", str(tmp), str(script),
                                env=env)
 
     def output(self) -> str:
@@ -50,7 +50,7 @@ class Job:
 
     def wait_for_steps(self, n: int, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
-        while not (os.path.exists(self.losses) and len(open(self.losses).readlines()) >= n):
+        while not (os.path.exists(self.losses) and _lines(self.losses) >= n):
             fields = self.slurm.job(self.id)
             assert time.monotonic() < deadline and fields["JobState"] in ("PENDING", "RUNNING"), (
                 f"{fields}\n{self.output() if os.path.exists(self.out) else ''}\n{self.slurm.logs()}")
@@ -58,6 +58,11 @@ class Job:
 
     def starts(self) -> list[int]:
         return [int(m) for m in re.findall(r"^starting at step (\d+)", self.output(), re.M)]
+
+
+def _lines(path: str) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
 
 
 ARGS = ["--steps", "300", "--policy", "every:100000", "--width", "128", "--step-sleep", "0.02"]
@@ -126,3 +131,13 @@ def test_status_names_the_slurm_job_and_scancel_is_not_requeued(slurm, tmp_path)
         slurm.run("scancel", job.id, check=True)  # an end, not a preemption warning: Slurm's to decide
     ended = slurm.wait_job(job.id, lambda f: f["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), 60, "scancel")
     assert ended["JobState"] == "CANCELLED" and ended["Restarts"] == "0", ended
+
+
+def test_a_job_slurm_may_not_requeue_ends_preempted_and_says_how_to_resume(slurm, tmp_path):
+    job = Job(slurm, tmp_path, ["--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02"],
+              requeue="--no-requeue")
+    job.wait_for_steps(5)
+    slurm.run("scancel", "--signal=TERM", "--batch", job.id, check=True)
+    ended = slurm.wait_job(job.id, lambda f: f["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), 60, "its end")
+    assert (ended["JobState"], ended["ExitCode"], ended["Restarts"]) == ("FAILED", "75:0", "0"), ended
+    assert f"Slurm job {job.id} may not be requeued; submit it with `sbatch --requeue`" in job.output()
