@@ -505,7 +505,9 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
     """Run COMMAND (after --), relaunching it from its newest snapshot until it succeeds.
 
     Exit codes: 0 done, 75 preempted (resumable), 2 a bad option, otherwise
-    the job's own code once restarts are exhausted.
+    the job's own code once restarts are exhausted. In a Slurm job, a
+    preempted run Slurm is not ending is requeued, and a node left without
+    a healthy GPU is excluded from the requeued job.
     """
     import shutil
 
