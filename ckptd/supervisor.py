@@ -2,7 +2,8 @@
 
 The job resumes through its own ``Checkpointer.restore()``; the supervisor
 only sets ``CKPTD_STORE``, ``CKPTD_PROGRESS``, ``CKPTD_GRACE``, ``CKPTD_JOB`` and the run's history
-(``CKPTD_RESTARTS``, ``CKPTD_RUN_SECONDS``, which the policy's failure rate learns from), keeps bad
+(``CKPTD_RESTARTS``, Slurm's requeues included, and ``CKPTD_RUN_SECONDS``, which the policy's failure
+rate learns from), keeps bad
 GPUs out of ``CUDA_VISIBLE_DEVICES``, and reads the progress events to say
 what each restart cost.
 """
@@ -139,6 +140,14 @@ def with_nproc(command: Sequence[str], nproc: int) -> list[str]:
     return cmd
 
 
+def _slurm_requeues() -> int:
+    """Times Slurm requeued this job before this run (each one a preemption or a fault the policy learns from)."""
+    try:
+        return max(0, int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+    except ValueError:
+        return 0
+
+
 class _RequeuedElsewhere(Exception):
     """Slurm took the job to run without this node; this run ends here."""
 
@@ -241,7 +250,7 @@ class Supervisor:
             env["CKPTD_TAKE_OVER"] = "1"
         env[PROGRESS_ENV] = self.progress_path
         # What the job has met so far, for the policy's failure rate.
-        env[RESTARTS_ENV] = str(len(self._restarts))
+        env[RESTARTS_ENV] = str(len(self._restarts) + _slurm_requeues())
         env[RUN_SECONDS_ENV] = f"{time.monotonic() - self._run_started:.0f}"
         if self.config.daemon or self.config.socket:
             env["CKPTD_SOCKET"] = self.socket

@@ -141,3 +141,36 @@ def test_a_job_slurm_may_not_requeue_ends_preempted_and_says_how_to_resume(slurm
     ended = slurm.wait_job(job.id, lambda f: f["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), 60, "its end")
     assert (ended["JobState"], ended["ExitCode"], ended["Restarts"]) == ("FAILED", "75:0", "0"), ended
     assert f"Slurm job {job.id} may not be requeued; submit it with `sbatch --requeue`" in job.output()
+
+
+REPORT_POLICY = """
+import sys, time, torch, ckptd
+ck = ckptd.Checkpointer(sys.argv[1], model=torch.nn.Linear(2, 2))  # the adaptive policy: it learns the rate
+with open(sys.argv[2], "a") as f:
+    print(ck.policy.rate.failures, file=f)
+if ck.restore():  # the requeued run: done
+    ck.close()
+    sys.exit(0)
+for step in range(100000):
+    ck.step(step)
+    time.sleep(0.02)
+"""
+
+
+def test_the_policy_of_a_requeued_job_counts_slurms_requeue(slurm, tmp_path):
+    script, report = tmp_path / "job.py", tmp_path / "failures.txt"
+    script.write_text(REPORT_POLICY)
+    store = str(tmp_path / "store")
+    cmd = [sys.executable, "-m", "ckptd.cli", "run", "--store", store, "--no-daemon", "--", sys.executable,
+           str(script), store, str(report)]
+    (tmp_path / "job.sh").write_text("#!/bin/bash\nexec " + " ".join(f"'{c}'" for c in cmd) + "\n")
+    job = slurm.sbatch("--requeue", "--open-mode=append", "-o", str(tmp_path / "job.out"), str(tmp_path / "job.sh"),
+                       env=slurm.env(PYTHONPATH=os.environ.get("PYTHONPATH", "")))
+    deadline = time.monotonic() + 90
+    while not (report.exists() and report.read_text()):
+        assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    slurm.run("scancel", "--signal=TERM", "--batch", job, check=True)
+    done = slurm.wait_job(job, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 120, "its end")
+    assert done["JobState"] == "COMPLETED" and done["Restarts"] == "1", (tmp_path / "job.out").read_text()
+    assert [int(x) for x in report.read_text().split()] == [0, 1]
