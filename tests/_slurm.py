@@ -123,7 +123,9 @@ class SlurmCluster:
             time.sleep(0.2)
 
     def stop(self, *, remove: bool = False) -> None:
-        """End slurmd, slurmctld and munged (SIGTERM, then SIGKILL after 30 s); ``remove`` their directory too."""
+        """End the jobs, then slurmd, slurmctld and munged (SIGTERM, SIGKILL after 30 s); ``remove`` the directory."""
+        if self._procs.get("slurmctld") is not None and self._procs["slurmctld"].poll() is None:
+            self._end_jobs()  # a job's slurmstepd outlives slurmd by design
         for name in ("slurmd", "slurmctld", "munged"):
             p = self._procs.pop(name, None)
             if p is None or p.poll() is not None:
@@ -136,6 +138,16 @@ class SlurmCluster:
                 p.wait()
         if remove:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _end_jobs(self, timeout: float = 60.0) -> None:
+        try:
+            self.run("scancel", "--full", "--state=RUNNING")
+            self.run("scancel", "--state=PENDING")
+            deadline = time.monotonic() + timeout
+            while self.run("squeue", "-h", "-o", "%i").stdout.strip() and time.monotonic() < deadline:
+                time.sleep(0.5)
+        except (OSError, subprocess.SubprocessError):
+            pass
 
     # -- using it -------------------------------------------------------------
 
