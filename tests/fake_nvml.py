@@ -1,9 +1,13 @@
 """A stand-in for pynvml with its names, constants and error classes, fed by a scripted timeline.
 
-$FAKE_NVML_TIMELINE names a JSON file: {"gpus": N, "missing": bool, "events":
-[{"t": seconds after nvmlInit, "gpu": i, "xid": n} or {"t", "gpu", "set": {counter: value}}]}.
+$FAKE_NVML_TIMELINE names a JSON file: {"gpus": N, "missing": bool, "not_supported": [function names],
+"driver": str, "cuda": int, "events": [{"t": seconds after nvmlInit, "gpu": i, "xid": n} or
+{"t", "gpu", "set": {counter: value}}]}; an event with "when_exists": PATH instead of "t" happens once
+PATH exists (a test's cue, so a fault lands while the job runs however slowly it started).
 Counters: ecc_uncorrected, ecc_corrected, remap_pending, remap_failed, retired_pending,
-clock_reasons, temperature, pcie_replays, lost.
+clock_reasons, temperature, pcie_replays, lost, processes (pids computing on the GPU).
+A function named in "not_supported" raises NVMLError_NotSupported, as older drivers do.
+Identity follows pynvml: name and UUID as str, PCI info a struct whose busId is bytes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ class NVMLError(Exception):
 
 class NVMLError_Uninitialized(NVMLError):
     value = 1
+
+
+class NVMLError_NotSupported(NVMLError):
+    value = 3
 
 
 class NVMLError_LibraryNotFound(NVMLError):
@@ -54,12 +62,44 @@ nvmlClocksEventReasonHwPowerBrakeSlowdown = 128
 
 _state: dict = {}
 
+NAME = "NVIDIA H100 80GB HBM3"
+DRIVER = "550.54.15"
+CUDA = 12040
+
 
 @dataclass
 class _Event:
     device: int
     eventType: int
     eventData: int
+
+
+@dataclass
+class _PciInfo:
+    busId: bytes
+    domain: int
+    bus: int
+    device: int
+
+
+@dataclass
+class _Process:
+    pid: int
+    usedGpuMemory: int
+
+
+def uuid(index: int) -> str:
+    """The fake UUID of GPU ``index`` (tests compare against it)."""
+    return f"GPU-{index:08x}-fa4e-4e1b-9c3d-0000000000{index:02x}"
+
+
+def bus_id(index: int) -> str:
+    return f"00000000:{0x18 + index:02X}:00.0"
+
+
+def _supported(fn: str) -> None:
+    if fn in _state["tl"].get("not_supported", []):
+        raise NVMLError_NotSupported()
 
 
 def _timeline() -> dict:
@@ -71,23 +111,31 @@ def nvmlInit() -> None:
     tl = _timeline()
     if tl.get("missing"):
         raise NVMLError_LibraryNotFound()
-    _state.update(t0=time.monotonic(), tl=tl, applied=0, xids=[],
+    _state.update(t0=time.monotonic(), tl=tl, applied=0, xids=[], cued=set(),
                   gpus=[{"ecc_uncorrected": 0, "ecc_corrected": 0, "remap_pending": 0, "remap_failed": 0,
                          "retired_pending": 0, "clock_reasons": 0, "temperature": 50, "pcie_replays": 0,
-                         "lost": False} for _ in range(tl.get("gpus", 1))])
+                         "lost": False, "processes": []} for _ in range(tl.get("gpus", 1))])
 
 
 def _advance() -> None:
     if "t0" not in _state:
         raise NVMLError_Uninitialized()
     now = time.monotonic() - _state["t0"]
-    events = sorted(_state["tl"].get("events", []), key=lambda e: e["t"])
+    all_events = _state["tl"].get("events", [])
+    events = sorted((e for e in all_events if "t" in e), key=lambda e: e["t"])
     while _state["applied"] < len(events) and events[_state["applied"]]["t"] <= now:
-        ev = events[_state["applied"]]
+        _apply(events[_state["applied"]])
         _state["applied"] += 1
-        if "xid" in ev:
-            _state["xids"].append(_Event(ev["gpu"], nvmlEventTypeXidCriticalError, ev["xid"]))
-        _state["gpus"][ev["gpu"]].update(ev.get("set", {}))
+    for i, ev in enumerate(all_events):
+        if "when_exists" in ev and i not in _state["cued"] and os.path.exists(ev["when_exists"]):
+            _state["cued"].add(i)
+            _apply(ev)
+
+
+def _apply(ev: dict) -> None:
+    if "xid" in ev:
+        _state["xids"].append(_Event(ev["gpu"], nvmlEventTypeXidCriticalError, ev["xid"]))
+    _state["gpus"][ev["gpu"]].update(ev.get("set", {}))
 
 
 def _gpu(handle: int) -> dict:
@@ -157,4 +205,36 @@ def nvmlDeviceGetPcieReplayCounter(handle: int) -> int:
 
 
 def nvmlDeviceGetComputeRunningProcesses(handle: int) -> list:
-    return []
+    g = _gpu(handle)
+    _supported("nvmlDeviceGetComputeRunningProcesses")
+    return [_Process(pid, 1 << 30) for pid in g["processes"]]
+
+
+def nvmlSystemGetDriverVersion() -> str:
+    _advance()
+    _supported("nvmlSystemGetDriverVersion")
+    return _state["tl"].get("driver", DRIVER)
+
+
+def nvmlSystemGetCudaDriverVersion() -> int:
+    _advance()
+    _supported("nvmlSystemGetCudaDriverVersion")
+    return _state["tl"].get("cuda", CUDA)
+
+
+def nvmlDeviceGetName(handle: int) -> str:
+    _gpu(handle)
+    _supported("nvmlDeviceGetName")
+    return NAME
+
+
+def nvmlDeviceGetUUID(handle: int) -> str:
+    _gpu(handle)
+    _supported("nvmlDeviceGetUUID")
+    return uuid(handle)
+
+
+def nvmlDeviceGetPciInfo(handle: int) -> _PciInfo:
+    _gpu(handle)
+    _supported("nvmlDeviceGetPciInfo")
+    return _PciInfo(bus_id(handle).encode(), 0, 0x18 + handle, 0)

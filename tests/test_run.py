@@ -100,10 +100,10 @@ def test_slurm_requeue_runs_the_documented_scontrol_commands(tmp_path, monkeypat
     monkeypatch.setenv("SLURMD_NODENAME", "gpu-node-7")
     cfg = RunConfig(store=str(tmp_path / "s"), gpus=(0, 1), max_restarts=0, daemon=False,
                     command=(sys.executable, "-c", "pass"))
-    with pytest.raises(Exception, match="every GPU"):
-        Supervisor(cfg, bad_gpus=lambda: {0, 1}).run()
-    assert log.read_text().splitlines() == ["requeuehold 4242", "update JobId=4242 ExcNodeList=gpu-node-7",
-                                            "release 4242"]
+    summary = Supervisor(cfg, bad_gpus=lambda: {0, 1}).run()
+    assert (summary.exit_code, summary.outcome) == (75, "requeued Slurm job 4242 without node gpu-node-7")
+    assert log.read_text().splitlines() == ["show job -o 4242", "requeuehold 4242",
+                                            "update JobId=4242 ExcNodeList=gpu-node-7", "release 4242"]
 
 
 REPORT_POLICY = """

@@ -1,4 +1,4 @@
-"""Prometheus text on 127.0.0.1: jobs, steps, snapshots, backlog, GPU health."""
+"""Prometheus text on 127.0.0.1: jobs, steps, snapshots, backlog, GPU health, identity and jobs."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ class Metrics:
         self.last_snapshot = g("ckptd_job_last_snapshot_step", "Newest snapshot a job committed", ["pid", "rank"])
         self.backlog = g("ckptd_upload_backlog", "Snapshots committed locally, not yet durable")
         self.gpu_state = g("ckptd_gpu_health", "0 ok, 1 application XID, 2 degraded, 3 fatal", ["gpu"])
+        self.gpu_info = g("ckptd_gpu_info", "Always 1: a GPU's identity in its labels",
+                          ["gpu", "name", "uuid", "pci_bus_id", "driver", "cuda"])
+        self.gpu_job = g("ckptd_gpu_job", "Always 1: a job's rank on a GPU", ["gpu", "uuid", "job", "pid", "rank"])
         self.bad = g("ckptd_bad_gpus", "GPUs marked bad")
         self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
 
@@ -36,8 +39,13 @@ class Metrics:
             if j["last_snapshot"] is not None:
                 self.last_snapshot.labels(*labels).set(j["last_snapshot"])
         self.backlog.set(status["backlog"])
+        self.gpu_job.clear()  # a job that left must leave no series behind
         for gpu in status["gpus"]:
-            self.gpu_state.labels(str(gpu["index"])).set(_STATES.get(gpu["state"], 0))
+            index = str(gpu["index"])
+            self.gpu_state.labels(index).set(_STATES.get(gpu["state"], 0))
+            self.gpu_info.labels(index, gpu["name"], gpu["uuid"], gpu["pci_bus_id"], gpu["driver"], gpu["cuda"]).set(1)
+            for j in gpu["jobs"]:
+                self.gpu_job.labels(index, gpu["uuid"], j["job"], str(j["pid"]), str(j["rank"])).set(1)
         self.bad.set(len(status["bad_gpus"]))
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
-"""GPU health through NVML (nvidia-ml-py), or any module with pynvml's names.
+"""GPU health and identity through NVML (nvidia-ml-py), or any module with pynvml's names.
 
 The module comes from $CKPTD_NVML_MODULE (default ``pynvml``), so a
 simulator or a test's fake can stand in. No driver or library is the normal
-"no NVML" state, reported with its reason, never as healthy.
+"no NVML" state, reported with its reason, never as healthy. An identity
+field an older driver does not support (NVMLError_NotSupported) reads "n/a".
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 log = logging.getLogger("ckptd.daemon")
@@ -28,6 +29,19 @@ SLOWDOWN_MARGIN_C = 5
 """Degrees below the slowdown threshold that already count as too hot."""
 SUSTAINED_POLLS = 2
 """Polls in a row a hardware/thermal/power-brake slowdown must last."""
+NA = "n/a"
+"""What an identity field reads when the driver cannot tell."""
+
+
+@dataclass(frozen=True)
+class GpuIdentity:
+    """What a GPU is and where it sits; read once, since none of it changes while the driver is loaded."""
+
+    name: str = NA
+    uuid: str = NA
+    pci_bus_id: str = NA
+    driver: str = NA
+    cuda: str = NA
 
 
 @dataclass
@@ -38,6 +52,13 @@ class GpuReport:
     state: str = "ok"
     reasons: list[str] = field(default_factory=list)
     signals: dict[str, Any] = field(default_factory=dict)
+    name: str = NA
+    uuid: str = NA
+    pci_bus_id: str = NA
+    driver: str = NA
+    cuda: str = NA
+    processes: list[int] | None = None
+    """Pids NVML sees computing on this GPU; None when the driver cannot tell."""
 
     def add(self, state: str, reason: str) -> None:
         order = ("ok", "app", "degraded", "fatal")
@@ -54,6 +75,7 @@ class NvmlHealthSource:
         self.unavailable: str | None = None
         self.nvml: Any = None
         self.handles: list[Any] = []
+        self.identities: list[GpuIdentity] = []
         self._events = None
         self._prev: dict[int, dict[str, int]] = {}
         self._slow: dict[int, int] = {}
@@ -68,7 +90,22 @@ class NvmlHealthSource:
         if self.unavailable:
             log.warning("ckptd daemon: no NVML: %s; watching the host only", self.unavailable)
             return
+        self.identities = self._identify()
         self._register_events()
+
+    def _identify(self) -> list[GpuIdentity]:
+        n = self.nvml
+        driver = _read(n, "nvmlSystemGetDriverVersion")
+        cuda = _read(n, "nvmlSystemGetCudaDriverVersion")
+        if cuda.isdigit():
+            cuda = f"{int(cuda) // 1000}.{int(cuda) % 1000 // 10}"  # 12040 -> 12.4
+        out = []
+        for h in self.handles:
+            pci = _read(n, "nvmlDeviceGetPciInfo", h, raw=True)
+            bus_id = _text(getattr(pci, "busId", None)) if pci != NA else NA
+            out.append(GpuIdentity(name=_read(n, "nvmlDeviceGetName", h), uuid=_read(n, "nvmlDeviceGetUUID", h),
+                                   pci_bus_id=bus_id or NA, driver=driver, cuda=cuda))
+        return out
 
     def _register_events(self) -> None:
         try:
@@ -83,13 +120,20 @@ class NvmlHealthSource:
         """The state of every GPU now; XIDs since the last poll included."""
         if self.unavailable:
             return []
-        reports = [GpuReport(i) for i in range(len(self.handles))]
+        reports = [GpuReport(i, **asdict(ident)) for i, ident in enumerate(self.identities)]
         for index, xid in self._drain_xids():
             if 0 <= index < len(reports):
                 _classify_xid(reports[index], xid)
         for report, handle in zip(reports, self.handles):
             self._counters(report, handle)
+            report.processes = self._processes(handle)
         return reports
+
+    def _processes(self, h: Any) -> list[int] | None:
+        try:
+            return sorted(int(p.pid) for p in self.nvml.nvmlDeviceGetComputeRunningProcesses(h))
+        except (self.nvml.NVMLError, AttributeError):  # not supported, or the GPU is lost (reported already)
+            return None
 
     def _drain_xids(self) -> list[tuple[int, int]]:
         if self._events is None:
@@ -164,3 +208,20 @@ def _classify_xid(report: GpuReport, xid: int) -> None:
         report.add("app", f"XID {xid} (kills the application; the GPU stays in use)")
     else:
         report.add("degraded", f"XID {xid} (unclassified)")
+
+
+def _read(nvml: Any, fn: str, *args: Any, raw: bool = False) -> Any:
+    """``nvml.fn(*args)``, or "n/a" when this driver or module does not have or support it."""
+    try:
+        value = getattr(nvml, fn)(*args)
+    except (nvml.NVMLError, AttributeError) as e:  # NotSupported, FunctionNotFound, an old module
+        log.info("ckptd daemon: %s unavailable: %s", fn, e)
+        return NA
+    return value if raw else (_text(value) or NA)
+
+
+def _text(value: Any) -> str:
+    """pynvml returns str from its decorated calls but bytes from struct fields (PCI busId)."""
+    if isinstance(value, bytes):
+        return value.decode(errors="replace").rstrip("\x00")
+    return "" if value is None else str(value)

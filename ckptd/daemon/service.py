@@ -331,15 +331,21 @@ class Daemon:
                 "pid": os.getpid(), "uptime_s": time.monotonic() - self.started, "socket": self.config.socket,
                 "log": self.config.log_file,
                 "nvml": self.nvml.unavailable or "ok",
-                "jobs": [{"pid": j.pid, "rank": j.rank, "step": j.step, "devices": list(j.devices),
+                "jobs": [{"pid": j.pid, "rank": j.rank, "job": j.job, "step": j.step, "devices": list(j.devices),
                           "step_time_s": statistics.median(j.step_times) if j.step_times else None,
                           "last_snapshot": j.last_snapshot, "stopping": j.stop_reason or None,
                           "silent_s": time.monotonic() - j.last_beat} for j in self.jobs.values()],
-                "gpus": [asdict(g) for g in self.gpus], "bad_gpus": self.bad_gpus,
+                "gpus": [{**asdict(g), "jobs": self._jobs_on(g)} for g in self.gpus], "bad_gpus": self.bad_gpus,
                 "backlog": sum(len(p.backlog) for p in list(self._uploaders.values())),
                 "host": asdict(host_report([os.path.dirname(self.config.socket)])),
                 "events": self.events[-20:],
             }
+
+    def _jobs_on(self, gpu: GpuReport) -> list[dict[str, Any]]:
+        """The jobs on ``gpu``: registered with it as a device, or seen computing on it by NVML."""
+        seen = gpu.processes or []
+        return [{"job": j.job, "pid": j.pid, "rank": j.rank} for j in self.jobs.values()
+                if gpu.index in j.devices or any(is_self_or_descendant(p, j.pid) for p in seen)]
 
     def _write_state(self) -> None:
         tmp = self.config.state_file + ".tmp"
