@@ -3,15 +3,16 @@
 The caller splits the file into pieces (file offset, writable buffer) that
 tile it from 0 to its size: tensor data goes into the destination tensors,
 everything else (record headers, small values, padding) into a scratch
-buffer. One I/O thread issues large ``preadv`` calls while the caller's
-thread checksums the previous batch, still warm in the CPU cache (both
-release the GIL).
+buffer. Each ``preadv`` fills 256 KiB, checksummed at once while it is
+still in the CPU cache: measured here, a read from the page cache and its
+checksum so cost about 1.15x the read alone, against 1.3x for 1 MiB
+batches and 1.5-1.8x for a second thread checksumming larger batches (on
+two cores shared with training, memory bandwidth is the limit, not the CPU).
 """
 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,7 +20,7 @@ from ..errors import SnapshotCorrupt
 from ..store.checksum import Checksum
 from ..store.file import open_regular
 
-BATCH = 2 << 20
+BATCH = 256 << 10
 """Bytes per preadv: small enough that the checksum reads them from the CPU cache the read just filled."""
 _IOV_MAX = 1024
 
@@ -86,15 +87,12 @@ def read_pieces(path: str, pieces: Sequence[Piece], *, size: int, algo: str) -> 
         if actual != size:
             raise SnapshotCorrupt(f"{path} is {actual} bytes, the manifest says {size}: it changed after it was "
                                   "verified")
-        runs = _batches(pieces)
-        with ThreadPoolExecutor(1, thread_name_prefix="ckptd-read") as reader:
-            ahead = reader.submit(_fill, fd, runs[0], path) if runs else None
-            for i, run in enumerate(runs):
-                ahead.result()
-                if i + 1 < len(runs):
-                    ahead = reader.submit(_fill, fd, runs[i + 1], path)
-                for p in run:
-                    cs.update(p.view)
+        if hasattr(os, "posix_fadvise"):  # a larger readahead window: measured 0.75x the time from a cold cache
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        for run in _batches(pieces):
+            _fill(fd, run, path)
+            for p in run:
+                cs.update(p.view)
         if os.pread(fd, 1, size):
             raise SnapshotCorrupt(f"{path} grew while it was read")
     return cs.hexdigest()

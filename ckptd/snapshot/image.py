@@ -230,9 +230,11 @@ def read_header(prefix: bytes | memoryview, cache: dict | None = None) -> Record
 
     ValueError when the bytes are not a tensor record laid out as the image writes it. ``data.pkl`` is read
     with torch's weights-only unpickler over a storage on the meta device, so no data is touched and nothing
-    but tensors is accepted; ``cache`` (pickle bytes → header) makes repeated shapes free.
+    but tensors is accepted; ``cache`` (prefix bytes → header) makes repeated shapes free.
     """
     prefix = bytes(prefix)
+    if cache is not None and prefix in cache:
+        return cache[prefix]
     if len(prefix) < 30 or prefix[:4] != _LOCAL:
         raise ValueError("no zip entry at the record's start")
     name_len, extra_len = struct.unpack_from("<HH", prefix, 26)
@@ -246,12 +248,9 @@ def read_header(prefix: bytes | memoryview, cache: dict | None = None) -> Record
     data_name = prefix[last + 30:last + 30 + d_name]
     if data_name != first[:-len(b"data.pkl")] + b"data/0" or last + 30 + d_name + d_extra != len(prefix):
         raise ValueError("the tensor's data does not start where its record's data entry does")
-    pickled = prefix[30 + name_len + extra_len:last]
-    if cache is not None and pickled in cache:
-        return cache[pickled]
-    header = _unpickle_header(pickled)
+    header = _unpickle_header(prefix[30 + name_len + extra_len:last])
     if cache is not None:
-        cache[pickled] = header
+        cache[prefix] = header
     return header
 
 

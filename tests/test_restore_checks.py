@@ -1,0 +1,98 @@
+"""The one-read restore: in place, and checked against the bytes it reads.
+
+A manifest forged with its digest recomputed still passes the checksums
+(they cover the data files, which are untouched); each image record's
+header, the dtype and shape ``torch.save`` wrote, is what catches it.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+import ckptd
+from ckptd.errors import NoGoodSnapshot, SnapshotCorrupt
+from test_hostile_store import STEP3, _rewrite_manifest, cli
+from test_snapshot import ckpt_for, make, run
+from _trainer import assert_tree_equal
+
+
+def _first_image_tensor(raw, dtype="float32", dims=2):
+    return next(i for i in raw["items"] if i["kind"] == "tensor" and i.get("data_offset", -1) >= 0
+                and i["dtype"] == dtype and len(i["shape"]) == dims)
+
+
+def _forge(store, change) -> None:
+    _rewrite_manifest(os.path.join(store, STEP3, "ckptd.json"), lambda raw: change(_first_image_tensor(raw)))
+
+
+def _same_width_dtype(item):
+    item["dtype"] = "int32"
+
+
+def _same_numel_shape(item):
+    rows, cols = item["shape"]
+    item["shape"] = item["chunk_sizes"] = [cols, rows] if rows != cols else [rows * cols, 1]
+
+
+@pytest.mark.parametrize("change", [_same_width_dtype, _same_numel_shape], ids=["dtype", "shape"])
+def test_a_manifest_lying_about_a_tensor_is_caught_by_its_record_header(tmp_path, change):
+    store = str(tmp_path / "store")
+    run(store, 4)  # steps 1 and 3
+    _forge(store, change)
+    assert "step 3: ok" in cli("verify", store, "--all").stdout, "the checksums still pass"
+    with pytest.raises(SnapshotCorrupt, match="the manifest does not describe the data"):
+        ckptd.load(store, step=3)
+    with pytest.warns(UserWarning, match=f"skipping {STEP3}.*manifest says"):
+        assert ckptd.load(store)["meta"]["step"] == 1
+    model, opt, sched, counter = make(seed=5)
+    with ckpt_for(store, model, opt, sched, counter) as ck:
+        with pytest.warns(UserWarning, match=f"skipping {STEP3}"):
+            assert ck.restore() == 2
+
+
+def test_restore_reads_into_the_live_tensors_in_place(tmp_path):
+    store = str(tmp_path / "store")
+    saved, saved_opt, *_ = run(store, 4)
+    model, opt, sched, counter = make(seed=5)
+    with ckpt_for(store, model, opt, sched, counter) as ck:
+        assert ck.restore() == 4  # the optimizer has no state yet: its tensors are made by the load
+        params = [p.data_ptr() for p in model.parameters()] + [b.data_ptr() for b in model.buffers()]
+        state = [t.data_ptr() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        assert ck.restore() == 4
+        assert [p.data_ptr() for p in model.parameters()] + [b.data_ptr() for b in model.buffers()] == params
+        assert [t.data_ptr() for s in opt.state.values() for t in s.values() if torch.is_tensor(t)] == state
+    assert_tree_equal(model.state_dict(), saved.state_dict())
+    assert_tree_equal(opt.state_dict(), saved_opt.state_dict())
+
+
+def test_a_model_that_does_not_fit_is_refused_without_touching_it(tmp_path):
+    store = str(tmp_path / "store")
+    run(store, 4)
+    model, opt, sched, counter = make(seed=5, width=32)  # the first layer's bias and weight have other shapes
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with ckpt_for(store, model, opt, sched, counter) as ck:
+        with pytest.raises(ckptd.IncompatibleSnapshot):
+            ck.restore()
+    assert_tree_equal(model.state_dict(), before)
+
+
+def test_a_file_failing_its_checksum_after_reading_into_the_model_forbids_starting_over(tmp_path):
+    store = str(tmp_path / "store")
+    run(store, 2)  # step 1 only
+    path = os.path.join(store, "step-000000000001", "__0_0.distcp")
+    data = bytearray(open(path, "rb").read())
+    data[-100] ^= 0x01  # late in the file: the model's tensors are read into before the checksum fails
+    open(path, "wb").write(bytes(data))
+    model, opt, sched, counter = make(seed=5)
+    with ckpt_for(store, model, opt, sched, counter, on_bad_snapshots="start_over") as ck:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(NoGoodSnapshot, match="cannot start over"):
+                ck.restore()
