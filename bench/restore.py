@@ -2,7 +2,8 @@
 
 Local tier, page cache warm and cold-ish (each file's pages dropped with
 posix_fadvise(DONTNEED) after an fsync, before every repetition): ckptd
-``Checkpointer.restore()``, ``ckptd.load``, ``dcp.load`` of the same
+``Checkpointer.restore()`` (into the live model and optimizer, and into an
+optimizer without state, as at a job's start), ``ckptd.load``, ``dcp.load`` of the same
 snapshot directory (+ ``load_state_dict``), and ``torch.load`` +
 ``load_state_dict`` of a ``torch.save`` of the same state, against one
 sequential read of each data file into a preallocated page-aligned buffer.
@@ -125,21 +126,30 @@ def local_rows(args, work: str) -> tuple[list[tuple[str, str, float]], int]:
         target.load_state_dict(sd["model"])
         target_opt.load_state_dict(sd["optimizer"])
 
-    methods = [("raw read", RawRead(data_files), data_files),
-               ("ckptd restore()", ckptd_restore, snap_files),
-               ("ckptd.load", ckptd_load, snap_files),
-               ("dcp.load", dcp_load, snap_files),
-               ("torch.load+load_state_dict", torch_load, [pt])]
+    def nothing():
+        pass
+
+    def empty_optimizer():
+        target_opt.state.clear()  # as at a job's start: the load makes the optimizer's tensors
+
+    methods = [("raw read", RawRead(data_files), data_files, nothing),
+               ("ckptd restore()", ckptd_restore, snap_files, nothing),
+               ("ckptd restore(), new optim", ckptd_restore, snap_files, empty_optimizer),
+               ("ckptd.load", ckptd_load, snap_files, nothing),
+               ("dcp.load", dcp_load, snap_files, nothing),
+               ("torch.load+load_state_dict", torch_load, [pt], nothing)]
     rows = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for cache in ("warm", "cold"):
-                times: dict[str, list[float]] = {name: [] for name, _, _ in methods}
-                for name, fn, _ in methods:  # warm-up: the page cache, torch's lazy imports
+                times: dict[str, list[float]] = {name: [] for name, *_ in methods}
+                for name, fn, _, prepare in methods:  # warm-up: the page cache, torch's lazy imports
+                    prepare()
                     fn()
                 for _ in range(args.reps):  # interleaved, so a noisy moment hits every method alike
-                    for name, fn, files in methods:
+                    for name, fn, files, prepare in methods:
+                        prepare()
                         if cache == "cold":
                             drop_cache(files)
                         times[name].append(timed(fn))
