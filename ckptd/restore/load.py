@@ -41,6 +41,8 @@ class Destinations:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     touched: bool = False
+    _claimed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    """Memory already given to an item, by storage: a tied weight is read into once, the other copy apart."""
 
     def fit(self, manifest: Manifest) -> "Destinations | None":
         """These destinations if the saved model has the same tensors (names and shapes) as the live one,
@@ -55,6 +57,12 @@ class Destinations:
         if (t is None or t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != item.chunk_sizes
                 or item.chunk_sizes != item.shape or not t.is_contiguous()):
             return None
+        start = t.data_ptr()
+        end = start + t.nbytes
+        claimed = self._claimed.setdefault(t.untyped_storage().data_ptr(), [])
+        if any(lo < end and start < hi for lo, hi in claimed):
+            return None
+        claimed.append((start, end))
         return t
 
 
