@@ -173,7 +173,6 @@ def s3_rows(args, work: str) -> list[tuple[str, str, float]]:
 
     import ckptd
     from ckptd.persist.transfer import upload_snapshot
-    from ckptd.restore.find import read_manifest
     from ckptd.store import open_store
     from ckptd.store.file import FileStore
     from s3transfer.manager import TransferConfig, TransferManager

@@ -49,8 +49,8 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
 def _newest_readable(tiers: Tiers, step: int | None) -> tuple[Manifest, dict[str, Any]]:
     """The asked or newest snapshot that verifies and reads; NoSnapshot if the store holds none."""
     where = tiers.local.uri if tiers.remote is None else tiers.remote.uri
-    manifest, state = newest_readable(lambda s, below: tiers.newest_good(s, below=below),
-                                      refetching(tiers, lambda m: read_state(tiers.local.path_of(step_dir(m.step)), m)),
+    read = refetching(tiers, lambda m: read_state(tiers.local.path_of(step_dir(m.step)), m))
+    manifest, state = newest_readable(lambda s, below: tiers.newest_good(s, below=below), read,
                                       step=step, where=where)
     if manifest is None:
         raise NoSnapshot(f"{where} holds no committed snapshot that verifies")
