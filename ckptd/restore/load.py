@@ -50,6 +50,7 @@ class Destinations:
         def model_of(pairs):
             return {fqn: tuple(shape) for fqn, shape in pairs if fqn.split(".", 1)[0] == "model"}
         saved = model_of((i.fqn, i.shape) for i in manifest.items if i.kind == "tensor")
+        self._claimed.clear()  # a new read: nothing is claimed yet
         return self if saved == model_of((fqn, t.shape) for fqn, t in self.tensors.items()) else None
 
     def take(self, item: Item, dtype: torch.dtype) -> torch.Tensor | None:
