@@ -118,3 +118,20 @@ def test_a_snapshot_of_untied_weights_restores_into_tied_ones_as_load_state_dict
         assert ck.restore() == 1
     assert restored[1].weight is restored[0].weight
     assert_tree_equal(restored.state_dict(), expected.state_dict())
+
+
+def test_read_pieces_fills_each_buffer_and_checksums_the_file_in_order(tmp_path):
+    from ckptd.restore.read import BATCH, Piece, read_pieces
+    from ckptd.store.checksum import file_checksum
+
+    path = tmp_path / "f"
+    data = os.urandom(3 * BATCH + 12345)
+    path.write_bytes(data)
+    cuts = [0, 7, BATCH + 3, BATCH + 3, 2 * BATCH + 100, len(data)]  # an empty piece, pieces across batches
+    bufs = [bytearray(b - a) for a, b in zip(cuts, cuts[1:])]
+    pieces = [Piece(a, memoryview(buf)) for a, buf in zip(cuts, bufs)]
+    assert read_pieces(str(path), pieces, size=len(data), algo="crc32") == file_checksum(str(path), "crc32")[0]
+    assert b"".join(bufs) == data
+    with pytest.raises(SnapshotCorrupt, match="the manifest says"):
+        read_pieces(str(path), pieces[:-1] + [Piece(cuts[-2], memoryview(bytearray(len(data) + 1 - cuts[-2])))],
+                    size=len(data) + 1, algo="crc32")
