@@ -135,3 +135,18 @@ def test_read_pieces_fills_each_buffer_and_checksums_the_file_in_order(tmp_path)
     with pytest.raises(SnapshotCorrupt, match="the manifest says"):
         read_pieces(str(path), pieces[:-1] + [Piece(cuts[-2], memoryview(bytearray(len(data) + 1 - cuts[-2])))],
                     size=len(data) + 1, algo="crc32")
+
+
+def test_a_manifest_pointing_two_tensors_at_the_same_bytes_is_refused(tmp_path):
+    store = str(tmp_path / "store")
+    run(store, 4)
+
+    def change(raw):
+        first, second = [i for i in raw["items"] if i["kind"] == "tensor" and i.get("data_offset", -1) >= 0
+                         and i["dtype"] == "float32" and i["shape"] == _first_image_tensor(raw)["shape"]][:2]
+        second.update(offset=first["offset"], length=first["length"], data_offset=first["data_offset"])
+    _rewrite_manifest(os.path.join(store, STEP3, "ckptd.json"), change)
+    with pytest.raises(SnapshotCorrupt, match="overlaps"):
+        ckptd.load(store, step=3)
+    with pytest.warns(UserWarning, match=f"skipping {STEP3}"):
+        assert ckptd.load(store)["meta"]["step"] == 1
