@@ -36,9 +36,10 @@ from .persist.uploader import UploadConfig
 from .policy import PolicyContext, SnapshotPolicy, parse_policy
 from .preempt import EXIT_PREEMPTED, PreemptionWatch
 from .progress import ProgressWriter
-from .restore.fallback import newest_readable
+from .restore.fallback import newest_readable, refetching
 from .restore.find import SnapshotInfo
-from .restore.load import read_state
+from .restore.load import Destinations, read_state
+from .restore.verify import checksums_on_load
 from .snapshot.capture import TrainingState, summarize
 from .snapshot.direct import DirectWriter
 from .snapshot.dirs import LocalCommit
@@ -50,7 +51,6 @@ from .snapshot.rng import restore_rng
 from .snapshot.stage import HostPool, make_stager
 from .snapshot.write import write_snapshot
 from .store import open_store
-from .store.checksum import keep_reads
 from .store.file import FileStore
 from .supervisor import run_history
 
@@ -275,15 +275,20 @@ class Checkpointer:
     def restore(self, step: int | None = None) -> int:
         """Load the newest verified snapshot (or ``step``); return the next step to run, 0 if none."""
         self._check_open()
-        with keep_reads():  # the files verified while choosing are the ones loaded: each is read once
+        with checksums_on_load():  # each file is read once, checksummed as it is loaded
             return self._restore(step)
 
     def _restore(self, step: int | None) -> int:
+        into = self._destinations()
         try:
-            manifest, state = self._read_agreed(step)
+            manifest, state = self._read_agreed(step, into)
         except NoGoodSnapshot as e:
             if self.config.on_bad_snapshots != "start_over":
                 raise
+            if into.touched:
+                raise NoGoodSnapshot(f"{e}; the model and optimizer now hold part of a snapshot that failed as it "
+                                     "was read into them, so they cannot start over: build them again and restore, "
+                                     "or remove the bad snapshots", problems=e.problems) from e
             log.error("ckptd: %s; starting over from step 0 (on_bad_snapshots='start_over')", e)
             manifest = None
         if manifest is None:
@@ -308,12 +313,21 @@ class Checkpointer:
         self._progress.event("restored", step=manifest.step)
         return manifest.step + 1
 
-    def _read_agreed(self, step: int | None) -> tuple[Manifest | None, Any]:
+    def _read_agreed(self, step: int | None, into: Destinations) -> tuple[Manifest | None, Any]:
         """The snapshot every rank restores and this rank's state of it (see restore/fallback.py)."""
         return newest_readable(
             lambda s, below: choose(self.tiers, self._ranks, self._decide_group, s, below=below),
-            lambda m: read_state(self.store.path_of(step_dir(m.step)), m), step=step, where=self.store.uri,
-            agree=lambda problem: agree(self._ranks, self._decide_group, problem))
+            refetching(self.tiers, lambda m: read_state(self.store.path_of(step_dir(m.step)), m, into=into.fit(m))),
+            step=step, where=self.store.uri, agree=lambda problem: agree(self._ranks, self._decide_group, problem))
+
+    def _destinations(self) -> Destinations:
+        """The model's and optimizers' own tensors, which a restore reads into in place."""
+        try:
+            leaves = flatten(self.state.capture(self._ranks.rank))
+        except CkptdError:
+            return Destinations()
+        return Destinations({leaf.fqn: leaf.value for leaf in leaves
+                             if isinstance(leaf.value, torch.Tensor) and leaf.path[0][1] in ("model", "optimizer")})
 
     def _catch_up_schedulers(self) -> None:
         # attach() snapshots inside optimizer.step(), before the loop's scheduler.step().

@@ -13,10 +13,10 @@ from ..snapshot.manifest import Manifest, step_dir
 from ..persist import retention
 from ..persist.tiers import Tiers
 from ..store import open_store
-from ..store.checksum import keep_reads
 from ..store.file import FileStore
-from .fallback import newest_readable
+from .fallback import newest_readable, refetching
 from .load import read_state
+from .verify import checksums_on_load
 
 
 def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict[str, Any]:
@@ -29,7 +29,7 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
         tiers = Tiers(opened, local=None if isinstance(opened, FileStore) else tmp, rank=0, world_size=1,
                       rule=retention.Retention(keep_last=1))
         try:
-            with keep_reads():  # verified and loaded with one read of each file
+            with checksums_on_load():  # verified and loaded with one read of each file
                 manifest, state = _newest_readable(tiers, step)
         finally:
             tiers.close()
@@ -49,8 +49,8 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
 def _newest_readable(tiers: Tiers, step: int | None) -> tuple[Manifest, dict[str, Any]]:
     """The asked or newest snapshot that verifies and reads; NoSnapshot if the store holds none."""
     where = tiers.local.uri if tiers.remote is None else tiers.remote.uri
-    manifest, state = newest_readable(lambda s, below: tiers.newest_good(s, below=below),
-                                      lambda m: read_state(tiers.local.path_of(step_dir(m.step)), m),
+    read = refetching(tiers, lambda m: read_state(tiers.local.path_of(step_dir(m.step)), m))
+    manifest, state = newest_readable(lambda s, below: tiers.newest_good(s, below=below), read,
                                       step=step, where=where)
     if manifest is None:
         raise NoSnapshot(f"{where} holds no committed snapshot that verifies")

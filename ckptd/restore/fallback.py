@@ -5,8 +5,8 @@ from __future__ import annotations
 import warnings
 from typing import Any, Callable
 
-from ..errors import NoGoodSnapshot, SnapshotCorrupt
-from ..snapshot.manifest import Manifest, step_dir
+from ..errors import NoGoodSnapshot, SnapshotCorrupt, StoreError
+from ..snapshot.manifest import Manifest, manifest_key, step_dir
 
 
 def newest_readable(choose: Callable[[int | None, int | None], Manifest | None],
@@ -36,3 +36,28 @@ def newest_readable(choose: Callable[[int | None, int | None], Manifest | None],
         warnings.warn(f"ckptd: skipping {step_dir(manifest.step)}: {problem}", stacklevel=3)
         bad.append(f"{step_dir(manifest.step)}: {problem}")
         below = manifest.step
+
+
+def refetching(tiers, read: Callable[[Manifest], Any]) -> Callable[[Manifest], Any]:
+    """``read`` a local copy; one that fails while it is read (its checksum is computed then) is downloaded
+    again, once, when the object store holds the step. Single-process jobs only: the ranks of a node share
+    its local tier, so there the next older snapshot is taken instead."""
+    def run(manifest: Manifest) -> Any:
+        try:
+            return read(manifest)
+        except SnapshotCorrupt as e:
+            if tiers.remote is None or tiers.world_size != 1 or not _held(tiers.remote, manifest.step):
+                raise
+            warnings.warn(f"ckptd: {e}; downloading {step_dir(manifest.step)} from {tiers.remote.uri}", stacklevel=3)
+        from ..persist import retention
+
+        retention.delete_snapshot(tiers.local, manifest.step)
+        return read(tiers.ensure_local(manifest.step))
+    return run
+
+
+def _held(store, step: int) -> bool:
+    try:
+        return store.exists(manifest_key(step))
+    except StoreError:
+        return False

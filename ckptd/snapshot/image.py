@@ -208,3 +208,75 @@ def object_record(value) -> bytes:
     buf = io.BytesIO()
     torch.save(value, buf)
     return buf.getvalue()
+
+
+# -- the read side: what a record's header says, checked against the manifest at restore --
+
+_LOCAL = b"PK\x03\x04"
+
+
+@dataclass(frozen=True)
+class RecordHeader:
+    """What a tensor's ``torch.save`` record says about it, read from the bytes before its data."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+    """Bytes of the storage the record holds."""
+
+
+def read_header(prefix: bytes | memoryview, cache: dict | None = None) -> RecordHeader:
+    """The dtype and shape a record's ``data.pkl`` declares, and check that its data entry ends ``prefix``.
+
+    ValueError when the bytes are not a tensor record laid out as the image writes it. ``data.pkl`` is read
+    with torch's weights-only unpickler over a storage on the meta device, so no data is touched and nothing
+    but tensors is accepted; ``cache`` (prefix bytes → header) makes repeated shapes free.
+    """
+    prefix = bytes(prefix)
+    if cache is not None and prefix in cache:
+        return cache[prefix]
+    if len(prefix) < 30 or prefix[:4] != _LOCAL:
+        raise ValueError("no zip entry at the record's start")
+    name_len, extra_len = struct.unpack_from("<HH", prefix, 26)
+    first = prefix[30:30 + name_len]
+    if not first.endswith(b"/data.pkl"):
+        raise ValueError(f"the record's first entry is {first[:64]!r}, not data.pkl")
+    last = prefix.rfind(_LOCAL)
+    if last <= 0 or len(prefix) - last < 30:
+        raise ValueError("no data entry before the tensor's data")
+    d_name, d_extra = struct.unpack_from("<HH", prefix, last + 26)
+    data_name = prefix[last + 30:last + 30 + d_name]
+    if data_name != first[:-len(b"data.pkl")] + b"data/0" or last + 30 + d_name + d_extra != len(prefix):
+        raise ValueError("the tensor's data does not start where its record's data entry does")
+    header = _unpickle_header(prefix[30 + name_len + extra_len:last])
+    if cache is not None:
+        cache[prefix] = header
+    return header
+
+
+def _unpickle_header(pickled: bytes) -> RecordHeader:
+    from torch import _weights_only_unpickler
+
+    storages: list[tuple[torch.dtype, int]] = []
+
+    def persistent_load(saved_id):
+        kind, storage_type, key, _location, numel = saved_id
+        if kind != "storage" or str(key) != "0" or storages:
+            raise ValueError(f"unexpected storage {saved_id!r}")
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        storages.append((dtype, int(numel)))
+        meta = torch.UntypedStorage(int(numel) * dtype.itemsize, device="meta")
+        return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+
+    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pickled), encoding="utf-8")
+    unpickler.persistent_load = persistent_load
+    try:
+        value = unpickler.load()
+    except Exception as e:  # the weights-only unpickler raises many kinds for hostile bytes
+        raise ValueError(f"its data.pkl does not load as a tensor ({str(e).splitlines()[0][:120]})") from e
+    if not isinstance(value, torch.Tensor) or not storages:
+        raise ValueError(f"its data.pkl holds a {type(value).__name__}, not a tensor")
+    if value.storage_offset() != 0 or not value.is_contiguous():
+        raise ValueError("its tensor is not the whole of its storage, contiguous")
+    dtype, numel = storages[0]
+    return RecordHeader(value.dtype, tuple(value.shape), numel * dtype.itemsize)

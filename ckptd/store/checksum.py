@@ -8,12 +8,8 @@ clearly when it cannot verify a CRC32C one.
 from __future__ import annotations
 
 import mmap
-import os
-import threading
 import zlib
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Callable
 
 from ..errors import ConfigError
 from .file import open_regular
@@ -53,20 +49,7 @@ class Checksum:
 
 
 def file_checksum(path: str, algo: str = DEFAULT_ALGO) -> tuple[str, int]:
-    """Return (hex checksum, size) of a file, read through a page-aligned buffer.
-
-    Inside a ``keep_reads()`` block the whole file is read into memory and
-    kept for one ``take_kept(path)``, so a restore verifies and loads a file
-    with one read.
-    """
-    kept = getattr(_scope, "kept", None)
-    if kept is not None:
-        buf, value, size = read_checksummed(path, algo)
-        where = os.path.dirname(path)
-        for other in [k for k in kept if os.path.dirname(k) != where]:
-            del kept[other]  # only one snapshot's files are ever held
-        kept[path] = (_identity(path), buf)
-        return value, size
+    """Return (hex checksum, size) of a file, read through a page-aligned buffer."""
     cs = Checksum(algo)
     buf = mmap.mmap(-1, _CHUNK)
     view = memoryview(buf)
@@ -80,80 +63,3 @@ def file_checksum(path: str, algo: str = DEFAULT_ALGO) -> tuple[str, int]:
         view.release()
         buf.close()
     return cs.hexdigest(), size
-
-
-def read_checksummed(path: str, algo: str = DEFAULT_ALGO) -> tuple[mmap.mmap, str, int]:
-    """The whole file in a page-aligned buffer, its checksum computed in the same pass, and its size.
-
-    Large sequential reads on one thread overlap the checksum of the previous
-    chunk on the caller's (both release the GIL).
-    """
-    cs = Checksum(algo)
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0))
-        view = memoryview(buf)
-        try:
-            with ThreadPoolExecutor(1, thread_name_prefix="ckptd-read") as reader:
-                starts = range(0, size, _READ_CHUNK)
-                ahead = reader.submit(_fill, f, view, 0, size) if size else None
-                for start in starts:
-                    n = ahead.result()
-                    if n < min(_READ_CHUNK, size - start):
-                        raise OSError(f"{path} shrank while it was read")
-                    nxt = start + _READ_CHUNK
-                    ahead = reader.submit(_fill, f, view, nxt, size) if nxt < size else None
-                    cs.update(view[start:start + n])
-            if os.pread(f.fileno(), 1, size):
-                raise OSError(f"{path} grew while it was read")
-        finally:
-            view.release()
-    return buf, cs.hexdigest(), size
-
-
-_READ_CHUNK = 16 << 20
-
-
-def _fill(f, view: memoryview, start: int, size: int) -> int:
-    """Read the chunk at ``start`` into ``view``; the number of bytes read."""
-    end = min(start + _READ_CHUNK, size)
-    done = start
-    while done < end:
-        n = os.preadv(f.fileno(), [view[done:end]], done)
-        if n == 0:
-            break
-        done += n
-    return done - start
-
-
-_scope = threading.local()
-
-
-@contextmanager
-def keep_reads() -> Iterator[None]:
-    """Files checksummed in this block (on this thread) keep their bytes for one ``take_kept``."""
-    outer = getattr(_scope, "kept", None)
-    _scope.kept = {} if outer is None else outer
-    try:
-        yield
-    finally:
-        if outer is None:
-            _scope.kept = None
-
-
-def take_kept(path: str) -> mmap.mmap | None:
-    """The bytes of ``path`` as verified in the enclosing ``keep_reads()`` block, if it has not changed since."""
-    kept = getattr(_scope, "kept", None)
-    if not kept or path not in kept:
-        return None
-    ident, buf = kept.pop(path)
-    try:
-        same = _identity(path) == ident
-    except OSError:
-        same = False
-    return buf if same else None
-
-
-def _identity(path: str) -> tuple[int, int, int, int]:
-    st = os.stat(path)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
