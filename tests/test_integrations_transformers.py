@@ -88,9 +88,12 @@ def job(argv: list[str]) -> None:
                 "global_step": trainer.state.global_step, "lr": trainer.lr_scheduler.get_last_lr()}, a.out)
 
 
-def run_job(*args: str, kill_on: str | None = None, timeout: float = 120.0) -> tuple[int, list[str]]:
-    """The job as a real subprocess; SIGKILL as soon as a stderr line matches ``kill_on``."""
+def run_job(*args: str, kill_on: str | None = None, timeout: float = 120.0, local: str | None = None
+            ) -> tuple[int, list[str]]:
+    """The job as a real subprocess (its local tier in ``local``); SIGKILL as soon as a stderr line matches ``kill_on``."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    if local is not None:
+        env["CKPTD_LOCAL"] = local
     proc = subprocess.Popen([sys.executable, HERE, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                             text=True, env=env)
     timer = threading.Timer(timeout, proc.kill)
@@ -123,18 +126,20 @@ def assert_equal_tree(a, b, where: str = "") -> None:
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
-def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_train(tmp_path):
-    ref, out, store = str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"), str(tmp_path / "store")
+def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_train(tmp_path, bucket):
+    """Through the S3 store, rerun with another local tier (another node): the snapshot comes from the bucket."""
+    ref, out, store = str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"), f"s3://{bucket}/job"
     rc, lines = run_job("--out", ref, "--workdir", str(tmp_path / "w0"))
     assert rc == 0, "\n".join(lines[-20:])
 
     # Killed in epoch 1 (global steps 17-32), after snapshots of steps 4, 9, 14 and 19 (counted from 0).
     rc, lines = run_job("--store", store, "--out", out, "--workdir", str(tmp_path / "w1"),
-                        kill_on=r"^trained step 23$")
+                        kill_on=r"^trained step 23$", local=str(tmp_path / "node-a"))
     assert rc == -signal.SIGKILL, "the job finished before it was killed:\n" + "\n".join(lines[-20:])
     assert not os.path.exists(out)
 
-    rc, lines = run_job("--store", store, "--out", out, "--workdir", str(tmp_path / "w2"))
+    rc, lines = run_job("--store", store, "--out", out, "--workdir", str(tmp_path / "w2"),
+                        local=str(tmp_path / "node-b"))
     assert rc == 0, "\n".join(lines[-20:])
     resumed = [line for line in lines if line.startswith("resume from ")]
     assert resumed and re.search(r"/checkpoint-(5|10|15|20)$", resumed[0]), resumed

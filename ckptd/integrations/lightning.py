@@ -77,7 +77,7 @@ class CkptdCallback(pl.Callback):
 
     def resume_path(self) -> str | None:
         """``<store>/step-N`` of the newest complete snapshot, for ``trainer.fit(..., ckpt_path=...)``; None if none."""
-        return _snapshots.resume_path(self.store)
+        return _snapshots.resume_path(self.store, self.options.get("local"))
 
     # -- wiring, before Lightning loads a checkpoint -------------------------------
 
@@ -125,7 +125,7 @@ class CkptdCallback(pl.Callback):
 
     def _checkpoint_from(self, step: int, trainer: Any) -> dict[str, Any]:
         """Lightning's checkpoint dict, rebuilt from snapshot ``step`` (or the next older that verifies)."""
-        state = _snapshots.load_snapshot(self.store, step)
+        state = _snapshots.load_snapshot(self.store, step, self.options.get("local"))
         rank = trainer.global_rank
         extra = _mine(state.get("extra"), rank)
         if not isinstance(extra, dict) or "lightning" not in extra:

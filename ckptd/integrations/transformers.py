@@ -61,10 +61,10 @@ class CkptdCallback(TrainerCallback):
         """A checkpoint directory holding the newest complete snapshot, in the Trainer's layout; None if none.
 
         Each call reads the snapshot and writes the directory (model-sized) under the temp dir."""
-        step = _snapshots.newest_complete(self.store)
+        step = _snapshots.newest_complete(self.store, self.options.get("local"))
         if step is None:
             return None
-        state = _snapshots.load_snapshot(self.store, step)
+        state = _snapshots.load_snapshot(self.store, step, self.options.get("local"))
         path = export_checkpoint(state, tempfile.mkdtemp(prefix="ckptd-hf-resume-"))
         self._exported.append(os.path.dirname(path))
         return path
