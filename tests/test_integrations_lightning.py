@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -118,13 +119,15 @@ def assert_equal_tree(a, b, where: str = "") -> None:
 
 def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_fit(tmp_path):
     ref, out, store = str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"), str(tmp_path / "store")
-    rc, lines = run_job("--out", ref)
-    assert rc == 0, "\n".join(lines[-20:])
+    with ThreadPoolExecutor(1) as pool:  # the reference runs beside the job that is killed
+        reference = pool.submit(run_job, "--out", ref)
 
-    # Killed in epoch 1 (global steps 17-32), after snapshots of steps 4, 9, 14 and 19 (counted from 0).
-    rc, lines = run_job("--store", store, "--out", out, kill_on=r"^trained step 23$")
-    assert rc == -signal.SIGKILL, "the job finished before it was killed:\n" + "\n".join(lines[-20:])
-    assert not os.path.exists(out)
+        # Killed in epoch 1 (global steps 17-32), after snapshots of steps 4, 9, 14 and 19 (counted from 0).
+        rc, lines = run_job("--store", store, "--out", out, kill_on=r"^trained step 23$")
+        assert rc == -signal.SIGKILL, "the job finished before it was killed:\n" + "\n".join(lines[-20:])
+        assert not os.path.exists(out)
+        rc, lines = reference.result()
+        assert rc == 0, "\n".join(lines[-20:])
 
     rc, lines = run_job("--store", store, "--out", out)
     assert rc == 0, "\n".join(lines[-20:])
@@ -147,6 +150,22 @@ def test_resume_path_is_none_until_a_snapshot_is_complete(tmp_path):
     (store / "step-000000000005").mkdir(parents=True)
     (store / "step-000000000005" / "__0_0.distcp").write_bytes(b"half a snapshot")
     assert cb.resume_path() is None  # files without a manifest are no snapshot
+
+
+def test_resume_path_takes_the_local_tiers_newer_snapshot_of_an_object_store(tmp_path, bucket, monkeypatch):
+    """A step committed locally but not yet uploaded when the job died is the one to resume from."""
+    import ckptd
+    from ckptd.integrations.lightning import CkptdCallback
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    store, tier = f"s3://{bucket}/job", str(tmp_path / "tier")
+    cb = CkptdCallback(store, policy="every:5", local=tier)
+    assert cb.resume_path() is None  # an empty bucket, no local tier yet
+    with ckptd.Checkpointer(tier, model=torch.nn.Linear(2, 2), policy="every:1000") as ckpt:
+        ckpt.save(7)
+    assert cb.resume_path() == f"s3://{bucket}/job/step-000000000007"
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a distributed job resumes only from what every node sees
+    assert cb.resume_path() is None
 
 
 def test_a_bad_option_fails_when_the_callback_is_made(tmp_path):

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -129,14 +130,16 @@ def assert_equal_tree(a, b, where: str = "") -> None:
 def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_train(tmp_path, bucket):
     """Through the S3 store, rerun with another local tier (another node): the snapshot comes from the bucket."""
     ref, out, store = str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"), f"s3://{bucket}/job"
-    rc, lines = run_job("--out", ref, "--workdir", str(tmp_path / "w0"))
-    assert rc == 0, "\n".join(lines[-20:])
+    with ThreadPoolExecutor(1) as pool:  # the reference runs beside the job that is killed
+        reference = pool.submit(run_job, "--out", ref, "--workdir", str(tmp_path / "w0"))
 
-    # Killed in epoch 1 (global steps 17-32), after snapshots of steps 4, 9, 14 and 19 (counted from 0).
-    rc, lines = run_job("--store", store, "--out", out, "--workdir", str(tmp_path / "w1"),
-                        kill_on=r"^trained step 23$", local=str(tmp_path / "node-a"))
-    assert rc == -signal.SIGKILL, "the job finished before it was killed:\n" + "\n".join(lines[-20:])
-    assert not os.path.exists(out)
+        # Killed in epoch 1 (global steps 17-32), after snapshots of steps 4, 9, 14 and 19 (counted from 0).
+        rc, lines = run_job("--store", store, "--out", out, "--workdir", str(tmp_path / "w1"),
+                            kill_on=r"^trained step 23$", local=str(tmp_path / "node-a"))
+        assert rc == -signal.SIGKILL, "the job finished before it was killed:\n" + "\n".join(lines[-20:])
+        assert not os.path.exists(out)
+        rc, lines = reference.result()
+        assert rc == 0, "\n".join(lines[-20:])
 
     rc, lines = run_job("--store", store, "--out", out, "--workdir", str(tmp_path / "w2"),
                         local=str(tmp_path / "node-b"))
