@@ -168,6 +168,54 @@ def test_resume_path_takes_the_local_tiers_newer_snapshot_of_an_object_store(tmp
     assert cb.resume_path() is None
 
 
+def _tiny_fit(store, tmp_path, ckpt_path=None, steps=2):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ckptd.integrations.lightning import CkptdCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    cb = CkptdCallback(store, policy="every:1")
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(Tiny(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=2), ckpt_path=ckpt_path)
+    return trainer, cb
+
+
+def test_a_native_lightning_checkpoint_still_loads_with_the_callback(tmp_path):
+    trainer, _ = _tiny_fit(str(tmp_path / "a"), tmp_path)
+    native = str(tmp_path / "native.ckpt")
+    trainer.save_checkpoint(native)
+    resumed, cb = _tiny_fit(str(tmp_path / "b"), tmp_path, ckpt_path=native, steps=3)
+    assert resumed.global_step == 3
+    assert [s.step for s in cb.checkpointer.snapshots()] == [2]  # only the one step it trained
+
+
+def test_a_snapshot_without_lightning_state_is_refused_by_name(tmp_path):
+    import ckptd
+    from ckptd import IncompatibleSnapshot
+
+    store = str(tmp_path / "store")
+    with ckptd.Checkpointer(store, model=torch.nn.Linear(4, 1), policy="every:1000") as ckpt:
+        ckpt.save(3)
+    from ckptd.integrations.lightning import CkptdCallback
+
+    path = CkptdCallback(store).resume_path()
+    with pytest.raises(IncompatibleSnapshot, match="not taken by ckptd's Lightning callback"):
+        _tiny_fit(store, tmp_path, ckpt_path=path)
+
+
 def test_a_bad_option_fails_when_the_callback_is_made(tmp_path):
     from ckptd import ConfigError
     from ckptd.integrations.lightning import CkptdCallback
