@@ -6,13 +6,15 @@ waits until the files are on disk. ``CkptdCallback`` copies the state and
 writes it in the background. Stall = the extra wall time of the training
 thread in the step that snapshots and the one after it (where ckptd's next
 ``optimizer.step()`` waits for its copy, if unfinished), over the median
-time of a step that does not snapshot. Each run trains a tiny-width,
-``--mib``-sized MLP with Adam (state = 3 × parameters) on the CPU and
+time of a step that does not snapshot. Each run trains a width-1024
+MLP of about ``--mib`` MiB with Adam (state = 3 × parameters) on the CPU and
 snapshots every ``--every`` steps; medians over ``--reps`` runs, beside the
 machine's limit, a memcpy of the same bytes into reused buffers. Never
 fails on timing.
 
     PYTHONPATH=. python bench/callbacks.py [--mib 256] [--reps 3] [--steps 32] [--every 10] [--dir /tmp]
+
+About 9 minutes on the 2-core CI machine under load (12 trainings).
 """
 
 from __future__ import annotations
