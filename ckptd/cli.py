@@ -635,7 +635,7 @@ def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures
         ("", "money", f"${d['dollars_per_snapshot']:.5f} = {d['money_s']:.3f} s",
          f"S3 list prices, {size} GB kept 3 times, ${gpu_hour_usd}/GPU-h"),
         ("", "C", f"{d['cost_s']:.2f} s", "stall + money"),
-        ("interval", "Daly", _duration(d["daly"]), "Daly (2006) from C and MTBF"),
+        ("interval", "Daly", _duration(d["daly"]), "the optimum of Daly's (2006) model for C and MTBF"),
         ("", "persist", _duration(d["persist_s"] or 0), "--persist: lower bound"),
         ("", "stall budget", _duration(d["stall_s"] / budget / d["risk"]) if budget and d["stall_s"] else "-",
          f"stall <= {budget:.0%} of training: lower bound" if budget else "off"),

@@ -10,12 +10,12 @@ import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import ckptd
 from ckptd.errors import ConfigError
-from ckptd.policy import (PolicyContext, RiskAwarePolicy, daly_interval, expected_waste, parse_policy,
+from ckptd.policy import (PolicyContext, RiskAwarePolicy, daly_interval, expected_waste, optimal_interval, parse_policy,
                           young_interval)
 from ckptd.policy.simulate import Scenario, simulate
 
@@ -66,7 +66,24 @@ def test_daly_branch_for_large_cost_and_young():
 
 
 @PROPS
+@given(st.floats(1e-6, 50.0))
+def test_the_exact_optimum_is_the_least_waste_and_monotone_through_daly_s_jump(ratio):
+    mtbf, cost = 3600.0, ratio * 3600.0
+    best = optimal_interval(cost, mtbf)
+    assert best == pytest.approx(exact_optimum(cost, mtbf), rel=1e-6)
+    assert optimal_interval(cost * 1.01, mtbf) >= best
+    assert optimal_interval(cost, mtbf / 1.01) <= best <= mtbf
+
+
+def test_the_policy_interval_does_not_jump_where_daly_s_closed_form_does():
+    before, after = optimal_interval(1.999, 1.0), optimal_interval(2.001, 1.0)
+    assert daly_interval(2.001, 1.0) - daly_interval(1.999, 1.0) > 0.1  # the closed form's jump at C = 2M
+    assert 0 < after - before < 1e-3
+
+
+@PROPS
 @given(st.floats(1.0, 100.0), st.floats(1.0, 50.0), st.integers(1, 16384), st.integers(1, 16))
+@example(stall=1.0, risk=1.125, gpus=3, more=1)  # found by hypothesis: Daly's jump lengthened the interval
 def test_interval_shrinks_with_risk_and_gpus_and_grows_with_cost(stall, risk, gpus, more):
     def interval(**kw):
         p = RiskAwarePolicy(stall_budget=None, max_interval=1e9)

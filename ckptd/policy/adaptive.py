@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import ConfigError
 from .base import PolicyContext
 from .cost import PriceTable, snapshot_cost
-from .interval import daly_interval, expected_waste
+from .interval import expected_waste, optimal_interval
 from .risk import LLAMA3_JOB_PER_HOUR, LLAMA3_PER_GPU_HOUR, FailureRate
 
 
@@ -113,7 +113,7 @@ class RiskAwarePolicy:
         guess = self._last.get("interval") or self.max_interval
         cost = snapshot_cost(stall=stall, nbytes=ctx.nbytes or 0, gpus=ctx.gpus, gpu_hour_usd=self.gpu_hour_usd,
                              interval=guess, keep_last=self.keep_last, prices=self.prices)
-        daly = daly_interval(cost.total, mtbf) if cost.total > 0 else 0.0
+        daly = optimal_interval(cost.total, mtbf)  # Daly's model, solved exactly: monotone in cost and risk
         bounds = {"daly": daly, "persist": ctx.persist or 0.0,
                   "stall budget": stall / self.stall_budget / risk if self.stall_budget and stall else 0.0}
         binding = max(bounds, key=bounds.get)

@@ -35,6 +35,31 @@ def daly_interval(cost: float, mtbf: float) -> float:
     return math.sqrt(2.0 * cost * mtbf) * (1.0 + math.sqrt(r) / 3.0 + r / 9.0) - cost
 
 
+def optimal_interval(cost: float, mtbf: float) -> float:
+    """The exact optimum of Daly's model (the interval ``expected_waste`` is least at): continuous and monotone.
+
+    Daly's closed form is its expansion for small C/M and jumps at C = 2M
+    (from 0.89·M to M), so a policy using it could lengthen the interval
+    when the risk rises. With x = τ/M and c = C/M the optimum solves
+    (1 − x)·eˣ = e⁻ᶜ on (0, 1); the left side falls monotonically there.
+    """
+    _check(cost, mtbf)
+    if cost == 0:
+        return 0.0
+    c = cost / mtbf
+    target = math.expm1(-c)  # (1 - x)e^x - 1 = e^-c - 1, both sides kept exact for small x and c
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if (1.0 - mid) * math.expm1(mid) - mid > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-15 * hi:
+            break
+    return (lo + hi) / 2 * mtbf
+
+
 def expected_waste(interval: float, cost: float, mtbf: float, restart: float = 0.0, persist: float = 0.0) -> float:
     """Expected fraction of wall time not spent on new work, under exponential failures.
 
