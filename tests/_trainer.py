@@ -1,4 +1,4 @@
-"""Run examples/train.py as a real subprocess and kill it with a real signal."""
+"""Run examples/train.py (or a test file that is also a job) as a real subprocess and kill it with a real signal."""
 
 from __future__ import annotations
 
@@ -72,17 +72,40 @@ def assert_same_state(a_path: str, b_path: str) -> None:
     assert_tree_equal(a, b)
 
 
-def assert_tree_equal(a, b, where: str = "") -> None:
+def run_script(script: str, *args: str, kill_on: str | None = None, timeout: float = 120.0,
+               env: dict | None = None) -> tuple[int, list[str]]:
+    """``python script *args`` as a real subprocess, ckptd importable; SIGKILL as soon as a stderr line
+    matches ``kill_on``. Its exit code and stderr lines."""
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
+    proc = subprocess.Popen([sys.executable, script, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=env)
+    timer = threading.Timer(timeout, proc.kill)
+    timer.start()
+    lines, pattern = [], re.compile(kill_on) if kill_on else None
+    try:
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if pattern is not None and pattern.search(line):
+                proc.send_signal(signal.SIGKILL)
+                pattern = None
+        return proc.wait(), lines
+    finally:
+        timer.cancel()
+
+
+def assert_tree_equal(a, b, where: str = "", *, same_sequence_type: bool = True) -> None:
+    """Bitwise equal nests of tensors and plain values; ``same_sequence_type=False`` lets a tuple equal a list
+    (a framework's own checkpoint may turn one into the other)."""
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
         assert torch.equal(a, b), f"{where} differs"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
         for k in a:
-            assert_tree_equal(a[k], b[k], f"{where}.{k}")
+            assert_tree_equal(a[k], b[k], f"{where}.{k}", same_sequence_type=same_sequence_type)
     elif isinstance(a, (list, tuple)):
-        assert type(a) is type(b) and len(a) == len(b), where
+        assert (type(a) is type(b) or not same_sequence_type) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            assert_tree_equal(x, y, f"{where}[{i}]")
+            assert_tree_equal(x, y, f"{where}[{i}]", same_sequence_type=same_sequence_type)
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"

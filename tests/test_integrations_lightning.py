@@ -12,9 +12,7 @@ import argparse
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,8 +22,9 @@ pl = pytest.importorskip("pytorch_lightning", reason="pytorch-lightning is not i
 
 import torch  # noqa: E402
 
+from _trainer import assert_tree_equal, run_script  # noqa: E402
+
 HERE = os.path.abspath(__file__)
-ROOT = os.path.dirname(os.path.dirname(HERE))
 EPOCHS, BATCHES = 3, 16
 
 
@@ -82,54 +81,19 @@ def job(argv: list[str]) -> None:
                 "lr": trainer.lr_scheduler_configs[0].scheduler.get_last_lr()}, args.out)
 
 
-def run_job(*args: str, kill_on: str | None = None, timeout: float = 120.0) -> tuple[int, list[str]]:
-    """The job as a real subprocess; SIGKILL as soon as a stderr line matches ``kill_on``."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, HERE, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env=env)
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    lines, pattern = [], re.compile(kill_on) if kill_on else None
-    try:
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
-            if pattern is not None and pattern.search(line):
-                proc.send_signal(signal.SIGKILL)
-                pattern = None
-        return proc.wait(), lines
-    finally:
-        timer.cancel()
-
-
-def assert_equal_tree(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
-        for k in a:
-            assert_equal_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_fit(tmp_path):
     ref, out, store = str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"), str(tmp_path / "store")
     with ThreadPoolExecutor(1) as pool:  # the reference runs beside the job that is killed
-        reference = pool.submit(run_job, "--out", ref)
+        reference = pool.submit(run_script, HERE, "--out", ref)
 
         # Killed in epoch 1 (global steps 17-32), after snapshots of steps 4, 9, 14 and 19 (counted from 0).
-        rc, lines = run_job("--store", store, "--out", out, kill_on=r"^trained step 23$")
+        rc, lines = run_script(HERE, "--store", store, "--out", out, kill_on=r"^trained step 23$")
         assert rc == -signal.SIGKILL, "the job finished before it was killed:\n" + "\n".join(lines[-20:])
         assert not os.path.exists(out)
         rc, lines = reference.result()
         assert rc == 0, "\n".join(lines[-20:])
 
-    rc, lines = run_job("--store", store, "--out", out)
+    rc, lines = run_script(HERE, "--store", store, "--out", out)
     assert rc == 0, "\n".join(lines[-20:])
     resumed = [line for line in lines if line.startswith("resume from ")]
     assert resumed and re.search(r"/step-0+(4|9|14|19)$", resumed[0]), resumed
@@ -138,7 +102,7 @@ def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_fit(tmp_path):
 
     a, b = torch.load(ref, weights_only=True), torch.load(out, weights_only=True)
     assert b["global_step"] == EPOCHS * BATCHES
-    assert_equal_tree(a, b)
+    assert_tree_equal(a, b, same_sequence_type=False)
 
 
 def test_resume_path_is_none_until_a_snapshot_is_complete(tmp_path):

@@ -13,9 +13,7 @@ import argparse
 import os
 import re
 import signal
-import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -28,8 +26,9 @@ if __name__ != "__main__":
 
 import torch  # noqa: E402
 
+from _trainer import assert_tree_equal, run_script  # noqa: E402
+
 HERE = os.path.abspath(__file__)
-ROOT = os.path.dirname(os.path.dirname(HERE))
 EPOCHS, STEPS = 3, 16
 
 
@@ -89,60 +88,22 @@ def job(argv: list[str]) -> None:
                 "global_step": trainer.state.global_step, "lr": trainer.lr_scheduler.get_last_lr()}, a.out)
 
 
-def run_job(*args: str, kill_on: str | None = None, timeout: float = 120.0, local: str | None = None
-            ) -> tuple[int, list[str]]:
-    """The job as a real subprocess (its local tier in ``local``); SIGKILL as soon as a stderr line matches ``kill_on``."""
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    if local is not None:
-        env["CKPTD_LOCAL"] = local
-    proc = subprocess.Popen([sys.executable, HERE, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env=env)
-    timer = threading.Timer(timeout, proc.kill)
-    timer.start()
-    lines, pattern = [], re.compile(kill_on) if kill_on else None
-    try:
-        for line in proc.stderr:
-            lines.append(line.rstrip("\n"))
-            if pattern is not None and pattern.search(line):
-                proc.send_signal(signal.SIGKILL)
-                pattern = None
-        return proc.wait(), lines
-    finally:
-        timer.cancel()
-
-
-def assert_equal_tree(a, b, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
-        assert torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and set(a) == set(b), f"{where}: keys {set(a) ^ set(b)}"
-        for k in a:
-            assert_equal_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_equal_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
-
-
 def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_train(tmp_path, bucket):
     """Through the S3 store, rerun with another local tier (another node): the snapshot comes from the bucket."""
     ref, out, store = str(tmp_path / "ref.pt"), str(tmp_path / "out.pt"), f"s3://{bucket}/job"
     with ThreadPoolExecutor(1) as pool:  # the reference runs beside the job that is killed
-        reference = pool.submit(run_job, "--out", ref, "--workdir", str(tmp_path / "w0"))
+        reference = pool.submit(run_script, HERE, "--out", ref, "--workdir", str(tmp_path / "w0"))
 
         # Killed in epoch 1 (global steps 17-32), after snapshots of steps 4, 9, 14 and 19 (counted from 0).
-        rc, lines = run_job("--store", store, "--out", out, "--workdir", str(tmp_path / "w1"),
-                            kill_on=r"^trained step 23$", local=str(tmp_path / "node-a"))
+        rc, lines = run_script(HERE, "--store", store, "--out", out, "--workdir", str(tmp_path / "w1"),
+                               kill_on=r"^trained step 23$", env={"CKPTD_LOCAL": str(tmp_path / "node-a")})
         assert rc == -signal.SIGKILL, "the job finished before it was killed:\n" + "\n".join(lines[-20:])
         assert not os.path.exists(out)
         rc, lines = reference.result()
         assert rc == 0, "\n".join(lines[-20:])
 
-    rc, lines = run_job("--store", store, "--out", out, "--workdir", str(tmp_path / "w2"),
-                        local=str(tmp_path / "node-b"))
+    rc, lines = run_script(HERE, "--store", store, "--out", out, "--workdir", str(tmp_path / "w2"),
+                           env={"CKPTD_LOCAL": str(tmp_path / "node-b")})
     assert rc == 0, "\n".join(lines[-20:])
     resumed = [line for line in lines if line.startswith("resume from ")]
     assert resumed and re.search(r"/checkpoint-(5|10|15|20)$", resumed[0]), resumed
@@ -152,7 +113,7 @@ def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_train(tmp_path, buck
 
     a, b = torch.load(ref, weights_only=True), torch.load(out, weights_only=True)
     assert b["global_step"] == EPOCHS * STEPS
-    assert_equal_tree(a, b)
+    assert_tree_equal(a, b, same_sequence_type=False)
 
 
 def test_resume_path_is_none_until_a_snapshot_is_complete(tmp_path):
