@@ -206,8 +206,10 @@ def test_the_readme_commands_say_what_they_do():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(root, "scripts", "install.sh")) as f:
         install = f.read()
-    with open(os.path.join(root, "scripts", "test.sh")) as f:
-        test = [line for line in f if "pytest" in line and not line.startswith("#")]
+    with open(os.path.join(root, "README.md")) as f:
+        test = [line for line in f if "pytest" in line and line.startswith("bash scripts/install.sh")]
+    with open(os.path.join(root, ".ci", "run")) as f:
+        assert test and test[0] in f.read(), ".ci/run must run exactly the README's test command"
     assert "--quiet" not in install and install.count("step ") >= 3  # each install step is announced
     assert test and all(" -q" not in line for line in test)  # one line per file, not bare dots
     assert any("--durations=" in line for line in test)  # the slowest tests at the end
