@@ -112,9 +112,16 @@ def lightning_run(mode: str, args, workdir: str) -> float:
         callbacks.append(CkptdCallback(os.path.join(workdir, "store"), policy=f"every:{args.every}"))
     callbacks.append(Clock())  # after CkptdCallback: its step() falls inside the clocked interval
     loader = DataLoader(data(args.steps), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(7))
-    trainer = pl.Trainer(max_steps=args.steps, accelerator="cpu", devices=1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         callbacks=callbacks)
+    trainer = pl.Trainer(
+        max_steps=args.steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     trainer.fit(Module(), train_dataloaders=loader)
     # global_step k (1-based) snapshots; times[k-1] is that step's time
     snaps = [s - 1 for s in range(args.every, args.steps, args.every)]
@@ -161,10 +168,19 @@ def hf_run(mode: str, args, workdir: str) -> float:
         from ckptd.integrations.transformers import CkptdCallback
 
         callbacks.insert(0, CkptdCallback(os.path.join(workdir, "store"), policy=f"every:{args.every}"))
-    targs = TrainingArguments(output_dir=os.path.join(workdir, "out"), per_device_train_batch_size=16,
-                              max_steps=args.steps, learning_rate=1e-4, report_to="none", use_cpu=True,
-                              disable_tqdm=True, logging_strategy="no", dataloader_num_workers=0,
-                              save_strategy="steps" if mode == "native" else "no", save_steps=args.every)
+    targs = TrainingArguments(
+        output_dir=os.path.join(workdir, "out"),
+        per_device_train_batch_size=16,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        dataloader_num_workers=0,
+        save_strategy="steps" if mode == "native" else "no",
+        save_steps=args.every,
+    )
     Trainer(model=Model(), args=targs, train_dataset=Pairs(), callbacks=callbacks).train()
     times = [b - a for a, b in zip(begins, begins[1:])]  # step i: from its begin to the next one's
     snaps = [s - 1 for s in range(args.every, args.steps, args.every)]
@@ -184,8 +200,10 @@ def main() -> None:
     model = make_model(args.mib)
     nbytes = sum(t.nbytes for t in model.parameters()) * 3
     limit = memcpy_seconds(model)
-    print(f"state {nbytes / 2**20:.0f} MiB (parameters + Adam moments); memcpy of it here: {limit * 1e3:.0f} ms; "
-          f"{args.steps} steps, a snapshot every {args.every}, median of {args.reps} runs")
+    print(
+        f"state {nbytes / 2**20:.0f} MiB (parameters + Adam moments); memcpy of it here: {limit * 1e3:.0f} ms; "
+        f"{args.steps} steps, a snapshot every {args.every}, median of {args.reps} runs"
+    )
     runs = {"lightning": lightning_run, "transformers": hf_run}
     for framework, run in runs.items():
         if args.only and framework != args.only:
@@ -208,9 +226,11 @@ def main() -> None:
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
             got[mode] = statistics.median(values)
-            print(f"{framework:13s} {mode:7s} stall per snapshot {got[mode] * 1e3:8.0f} ms  "
-                  f"({got[mode] / limit:5.2f}x memcpy)  runs: {', '.join(f'{v * 1e3:.0f}' for v in values)} ms",
-                  flush=True)
+            print(
+                f"{framework:13s} {mode:7s} stall per snapshot {got[mode] * 1e3:8.0f} ms  "
+                f"({got[mode] / limit:5.2f}x memcpy)  runs: {', '.join(f'{v * 1e3:.0f}' for v in values)} ms",
+                flush=True,
+            )
         ratio = got["native"] / got["ckptd"] if got["ckptd"] > 0 else float("inf")
         print(f"{framework:13s} native / ckptd stall: {ratio:.1f}x")
     sys.stdout.flush()

@@ -52,7 +52,8 @@ def make_state():
 
 def state_tensors(model, opt) -> list[torch.Tensor]:
     return [p.data for p in model.parameters()] + [
-        v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
+        v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()
+    ]
 
 
 class Method:
@@ -81,8 +82,7 @@ class Ckptd(Method):
         import ckptd
 
         self.store = os.path.join(work, "ckptd")
-        self.ck = ckptd.Checkpointer(self.store, model=model, optimizer=opt, policy="every:1000000000",
-                                     keep_last=2)
+        self.ck = ckptd.Checkpointer(self.store, model=model, optimizer=opt, policy="every:1000000000", keep_last=2)
         self.handles = []
 
     def snapshot(self):
@@ -150,8 +150,9 @@ class TorchSnapshot(Method):
 
         self.drain()
         shutil.rmtree(os.path.join(self.work, f"ts{self.n - 2}"), ignore_errors=True)
-        self.pending = torchsnapshot.Snapshot.async_take(os.path.join(self.work, f"ts{self.n}"),
-                                                         app_state={"model": self.model, "optim": self.opt})
+        self.pending = torchsnapshot.Snapshot.async_take(
+            os.path.join(self.work, f"ts{self.n}"), app_state={"model": self.model, "optim": self.opt}
+        )
         self.n += 1
 
     def drain(self):
@@ -162,8 +163,9 @@ class TorchSnapshot(Method):
 
 class TorchSave(Method):
     def snapshot(self):
-        torch.save({"model": self.model.state_dict(), "optim": self.opt.state_dict()},
-                   os.path.join(self.work, "torch_save.pt"))
+        torch.save(
+            {"model": self.model.state_dict(), "optim": self.opt.state_dict()}, os.path.join(self.work, "torch_save.pt")
+        )
 
 
 class Floor(Method):
@@ -218,7 +220,7 @@ def raw_direct_write(path: str, view: memoryview) -> float:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
     try:
         for i in range(0, len(view), 8 * _MiB):
-            os.pwrite(fd, view[i:i + 8 * _MiB], i)
+            os.pwrite(fd, view[i : i + 8 * _MiB], i)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -280,8 +282,10 @@ def main() -> int:
     model, opt, _ = make_state()
     nbytes = sum(t.nbytes for t in state_tensors(model, opt))
     del model, opt
-    print(f"state: {nbytes / 2**30:.2f} GiB (40 x Linear(1024,1024) + Adam), 1 torch thread, a snapshot every "
-          f"10 steps, {args.rounds} rounds of 30 steps without/with/without; median overhead")
+    print(
+        f"state: {nbytes / 2**30:.2f} GiB (40 x Linear(1024,1024) + Adam), 1 torch thread, a snapshot every "
+        f"10 steps, {args.rounds} rounds of 30 steps without/with/without; median overhead"
+    )
     results, persist = {}, None
     for name in args.only.split(","):
         try:
@@ -295,8 +299,10 @@ def main() -> int:
     anchors = [results[k] for k in ("dcp_async_thread", "dcp_async_process", "torchsnapshot") if k in results]
     if "ckptd" in results and anchors:
         best = min(anchors)
-        print(f"best anchor {best * 100:.1f}% / ckptd {results['ckptd'] * 100:.1f}% = "
-              f"{best / results['ckptd'] if results['ckptd'] > 0 else float('inf'):.1f}x")
+        print(
+            f"best anchor {best * 100:.1f}% / ckptd {results['ckptd'] * 100:.1f}% = "
+            f"{best / results['ckptd'] if results['ckptd'] > 0 else float('inf'):.1f}x"
+        )
     if persist is not None:
         write_s, size, io = persist
         buf = mmap.mmap(-1, (size + 4095) // 4096 * 4096)
@@ -304,9 +310,11 @@ def main() -> int:
         path = os.path.join(args.dir, f"ckptd-raw-{os.getpid()}")
         raw = statistics.median(raw_direct_write(path, memoryview(buf)) for _ in range(3))
         os.unlink(path)
-        print(f"persist, local tier, while training: ckptd {size / write_s / _MiB:.0f} MiB/s ({io}, median write_s "
-              f"{write_s:.3f} s); raw O_DIRECT write of {size / _MiB:.0f} MiB, training idle, "
-              f"{size / raw / _MiB:.0f} MiB/s; ratio {raw / write_s:.2f} (bench/persist.py compares both idle)")
+        print(
+            f"persist, local tier, while training: ckptd {size / write_s / _MiB:.0f} MiB/s ({io}, median write_s "
+            f"{write_s:.3f} s); raw O_DIRECT write of {size / _MiB:.0f} MiB, training idle, "
+            f"{size / raw / _MiB:.0f} MiB/s; ratio {raw / write_s:.2f} (bench/persist.py compares both idle)"
+        )
     return 0
 
 

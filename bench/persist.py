@@ -36,7 +36,7 @@ def buffered_write(path: str, view: memoryview) -> float:
     t0 = time.perf_counter()
     with open(path, "wb", buffering=0) as f:
         for i in range(0, len(view), 8 * _MiB):
-            f.write(view[i:i + 8 * _MiB])
+            f.write(view[i : i + 8 * _MiB])
         os.fsync(f.fileno())
     return time.perf_counter() - t0
 
@@ -61,7 +61,7 @@ def main() -> int:
     nbytes = sum(t.nbytes for t in state_tensors(model, opt))
     buf = mmap.mmap(-1, (nbytes + 4095) // 4096 * 4096)
     for i in range(0, len(buf), _MiB):
-        buf[i:i + _MiB] = os.urandom(min(_MiB, len(buf) - i))
+        buf[i : i + _MiB] = os.urandom(min(_MiB, len(buf) - i))
     view = memoryview(buf)
     ours, raws, cached = [], [], []
     try:
@@ -85,8 +85,11 @@ def main() -> int:
     mib = size / _MiB
     ck_s, raw_s, buf_s = (statistics.median(x) for x in (ours, raws, cached))
     print(f"persist of {mib:.0f} MiB into {args.dir}, medians of {args.reps}, training idle")
-    rows = [(f"ckptd ({io}, checksummed)", ck_s), ("raw O_DIRECT write + fsync", raw_s),
-            ("buffered write + fsync", buf_s)]
+    rows = [
+        (f"ckptd ({io}, checksummed)", ck_s),
+        ("raw O_DIRECT write + fsync", raw_s),
+        ("buffered write + fsync", buf_s),
+    ]
     for name, secs in rows:
         print(f"  {name:32s} {mib / secs:7.0f} MiB/s   {secs:.3f} s")
     print(f"  ckptd / raw O_DIRECT = {raw_s / ck_s:.2f}  (goal >= 0.8)")

@@ -33,8 +33,19 @@ from ckptd.supervisor import RunConfig, Supervisor  # noqa: E402
 
 
 def trainer_cmd(args, extra=()) -> tuple[str, ...]:
-    return (sys.executable, TRAIN, "--width", str(args.width), "--depth", str(args.depth),
-            "--steps", str(args.crash_at + 3), "--policy", f"every:{args.crash_at + 1}", *extra)
+    return (
+        sys.executable,
+        TRAIN,
+        "--width",
+        str(args.width),
+        "--depth",
+        str(args.depth),
+        "--steps",
+        str(args.crash_at + 3),
+        "--policy",
+        f"every:{args.crash_at + 1}",
+        *extra,
+    )
 
 
 def cold_start(args, work: str) -> float:
@@ -61,6 +72,7 @@ def recover(args, store: str, env: dict | None = None, wipe_local: str | None = 
             result = original()
             shutil.rmtree(wipe_local, ignore_errors=True)
             return result
+
         sup._launch_and_wait = launch_and_wipe
     summary = sup.run()
     os.path.exists(marker) and os.unlink(marker)
@@ -96,11 +108,15 @@ def main() -> int:
 
 
 def _split(label: str, restarts) -> dict[str, list[float]]:
-    out = {f"{label}: lost steps": [float("nan") if r is None or r.lost_steps is None else float(r.lost_steps)
-                                      for r in restarts]}
+    out = {
+        f"{label}: lost steps": [
+            float("nan") if r is None or r.lost_steps is None else float(r.lost_steps) for r in restarts
+        ]
+    }
     for part in ("detection_s", "restart_s", "restore_s", "catch_up_s", "recovery_s"):
         out[f"{label}: {part[:-2].replace('_', '-')}"] = [
-            float("nan") if r is None or getattr(r, part) is None else getattr(r, part) for r in restarts]
+            float("nan") if r is None or getattr(r, part) is None else getattr(r, part) for r in restarts
+        ]
     return out
 
 

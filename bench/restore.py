@@ -118,8 +118,9 @@ def local_rows(args, work: str) -> tuple[list[tuple[str, str, float]], int]:
         sd = {"model": target.state_dict(), "optimizer": {"state": target_opt.state_dict()["state"]}}
         dcp.load(sd, checkpoint_id=snap)
         target.load_state_dict(sd["model"])
-        target_opt.load_state_dict({"state": sd["optimizer"]["state"],
-                                    "param_groups": target_opt.state_dict()["param_groups"]})
+        target_opt.load_state_dict(
+            {"state": sd["optimizer"]["state"], "param_groups": target_opt.state_dict()["param_groups"]}
+        )
 
     def torch_load():
         sd = torch.load(pt, map_location="cpu", weights_only=True)
@@ -132,19 +133,21 @@ def local_rows(args, work: str) -> tuple[list[tuple[str, str, float]], int]:
     def empty_optimizer():
         target_opt.state.clear()  # as at a job's start: the load makes the optimizer's tensors
 
-    methods = [("raw read", RawRead(data_files), data_files, nothing),
-               ("ckptd restore()", ckptd_restore, snap_files, nothing),
-               ("ckptd restore(), new optim", ckptd_restore, snap_files, empty_optimizer),
-               ("ckptd.load", ckptd_load, snap_files, nothing),
-               ("dcp.load", dcp_load, snap_files, nothing),
-               ("torch.load+load_state_dict", torch_load, [pt], nothing)]
+    methods = [
+        ("raw read", RawRead(data_files), data_files, nothing),
+        ("ckptd restore()", ckptd_restore, snap_files, nothing),
+        ("ckptd restore(), new optim", ckptd_restore, snap_files, empty_optimizer),
+        ("ckptd.load", ckptd_load, snap_files, nothing),
+        ("dcp.load", dcp_load, snap_files, nothing),
+        ("torch.load+load_state_dict", torch_load, [pt], nothing),
+    ]
     rows = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for cache in ("warm", "cold"):
                 times: dict[str, list[float]] = {name: [] for name, *_ in methods}
-                for name, fn, _, prepare in methods:  # warm-up: the page cache, torch's lazy imports
+                for _name, fn, _, prepare in methods:  # warm-up: the page cache, torch's lazy imports
                     prepare()
                     fn()
                 for _ in range(args.reps):  # interleaved, so a noisy moment hits every method alike
@@ -170,12 +173,12 @@ def _check_restored(target, target_opt, model, opt) -> None:
 def s3_rows(args, work: str) -> list[tuple[str, str, float]]:
     """ckptd restore from S3 into an empty local tier against a raw ranged download of the same objects."""
     from _seaweed import SeaweedServer
+    from s3transfer.manager import TransferConfig, TransferManager
 
     import ckptd
     from ckptd.persist.transfer import upload_snapshot
     from ckptd.store import open_store
     from ckptd.store.file import FileStore
-    from s3transfer.manager import TransferConfig, TransferManager
 
     server = SeaweedServer(os.path.join(work, "weed"))
     server.start()
@@ -190,9 +193,15 @@ def s3_rows(args, work: str) -> list[tuple[str, str, float]]:
         keys = [remote._key(manifest.object_key(f.name)) for f in manifest.files]
         cfg = remote.config
         client = server.client()
-        transfers = TransferManager(client, TransferConfig(
-            multipart_threshold=cfg.part_size + 1, multipart_chunksize=cfg.part_size,
-            max_request_concurrency=cfg.concurrency, max_in_memory_download_chunks=cfg.concurrency * 2))
+        transfers = TransferManager(
+            client,
+            TransferConfig(
+                multipart_threshold=cfg.part_size + 1,
+                multipart_chunksize=cfg.part_size,
+                max_request_concurrency=cfg.concurrency,
+                max_in_memory_download_chunks=cfg.concurrency * 2,
+            ),
+        )
 
         def raw():
             sinks = [open(os.devnull, "wb") for _ in keys]
@@ -211,8 +220,9 @@ def s3_rows(args, work: str) -> list[tuple[str, str, float]]:
             warnings.simplefilter("ignore")
             for rep in range(args.reps + 1):
                 empty = os.path.join(work, f"empty-local-{rep}")
-                with ckptd.Checkpointer(uri, model=target, optimizer=target_opt, local=empty,
-                                        policy="every:1000000000") as ck:
+                with ckptd.Checkpointer(
+                    uri, model=target, optimizer=target_opt, local=empty, policy="every:1000000000"
+                ) as ck:
                     t = timed(lambda: ck.restore())
                 shutil.rmtree(empty, ignore_errors=True)
                 if rep:  # rep 0 warms up
@@ -247,8 +257,10 @@ def main() -> int:
                 print(f"S3 part skipped: {e}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"state: {nbytes / _MiB:.0f} MiB of data files (model + Adam), 1 torch thread; medians of {args.reps}; "
-          "ratio = seconds / the raw figure of the same block")
+    print(
+        f"state: {nbytes / _MiB:.0f} MiB of data files (model + Adam), 1 torch thread; medians of {args.reps}; "
+        "ratio = seconds / the raw figure of the same block"
+    )
     print(f"{'cache':6s} {'method':28s} {'seconds':>8s} {'MiB/s':>7s} {'ratio':>6s}")
     for cache in ("warm", "cold", "s3"):
         block = [(name, s) for c, name, s in rows if c == cache]

@@ -68,32 +68,50 @@ def main() -> int:
 
 
 def run(args, work: str, server: SeaweedServer) -> int:
+    from ckptd.persist.transfer import download_snapshot, upload_snapshot
     from ckptd.store import open_store
     from ckptd.store.file import FileStore
-    from ckptd.persist.transfer import download_snapshot, upload_snapshot
 
     local_uri, step = make_snapshot(work, args.gib)
     local = FileStore(local_uri)
-    files = [os.path.join(local.path_of("step-000000000000"), n) for n in sorted(os.listdir(
-        local.path_of("step-000000000000")))]
+    files = [
+        os.path.join(local.path_of("step-000000000000"), n)
+        for n in sorted(os.listdir(local.path_of("step-000000000000")))
+    ]
     nbytes = sum(os.path.getsize(f) for f in files)
     client = server.client()
-    rows: dict[str, list[float]] = {k: [] for k in (
-        "ckptd upload", "boto3 upload_file", "disk write+fsync", "ckptd download", "boto3 download_file",
-        "disk read")}
+    rows: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "ckptd upload",
+            "boto3 upload_file",
+            "disk write+fsync",
+            "ckptd download",
+            "boto3 download_file",
+            "disk read",
+        )
+    }
     for rep in range(args.reps):
         bucket = server.make_bucket()
         remote = open_store(f"s3://{bucket}/run")
         rows["ckptd upload"].append(timed(lambda: upload_snapshot(local, step, remote)))
-        rows["boto3 upload_file"].append(timed(lambda: [client.upload_file(f, bucket, f"plain/{os.path.basename(f)}")
-                                                        for f in files]))
+        rows["boto3 upload_file"].append(
+            timed(lambda: [client.upload_file(f, bucket, f"plain/{os.path.basename(f)}") for f in files])
+        )
         target = os.path.join(work, f"disk{rep}")
         rows["disk write+fsync"].append(timed(lambda: _disk_write(files, target)))
         dest = FileStore(os.path.join(work, f"down{rep}"))
         rows["ckptd download"].append(timed(lambda: download_snapshot(remote, step, dest)))
-        rows["boto3 download_file"].append(timed(lambda: [client.download_file(
-            bucket, f"plain/{os.path.basename(f)}", os.path.join(work, f"b3-{rep}-{os.path.basename(f)}"))
-            for f in files]))
+        rows["boto3 download_file"].append(
+            timed(
+                lambda: [
+                    client.download_file(
+                        bucket, f"plain/{os.path.basename(f)}", os.path.join(work, f"b3-{rep}-{os.path.basename(f)}")
+                    )
+                    for f in files
+                ]
+            )
+        )
         os.system("sync")
         rows["disk read"].append(timed(lambda: _disk_read(target)))
         remote.close()
@@ -105,8 +123,10 @@ def run(args, work: str, server: SeaweedServer) -> int:
     mibs = {k: nbytes / _MiB / statistics.median(v) for k, v in rows.items()}
     print(f"snapshot: {nbytes / 2**30:.2f} GiB in {len(files)} files; SeaweedFS on 127.0.0.1; medians of {args.reps}")
     print(f"{'what':24s} {'MiB/s':>8s}   ratio")
-    for direction, raws in (("upload", ("boto3 upload_file", "disk write+fsync")),
-                            ("download", ("boto3 download_file", "disk read"))):
+    for direction, raws in (
+        ("upload", ("boto3 upload_file", "disk write+fsync")),
+        ("download", ("boto3 download_file", "disk read")),
+    ):
         best = max(mibs[r] for r in raws)
         for name in (f"ckptd {direction}",) + raws:
             print(f"{name:24s} {mibs[name]:8.0f}   {mibs[name] / best:.2f} of the better raw figure")

@@ -23,7 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -78,9 +78,11 @@ def memcpy_rows(model, nbytes: int, reps: int) -> dict[str, float]:
         return elapsed
 
     torch_copy(0), np_copy(0)  # touch every page once: a reused buffer is a warm one
-    rows = {"memcpy: Tensor.copy_ into reused buffers": median_of(reps, torch_copy)[0],
-            "memcpy: np.copyto, one reused buffer": median_of(reps, np_copy)[0],
-            "copy into fresh allocations (clone)": median_of(reps, fresh)[0]}
+    rows = {
+        "memcpy: Tensor.copy_ into reused buffers": median_of(reps, torch_copy)[0],
+        "memcpy: np.copyto, one reused buffer": median_of(reps, np_copy)[0],
+        "copy into fresh allocations (clone)": median_of(reps, fresh)[0],
+    }
     return rows
 
 
@@ -88,8 +90,10 @@ def ckptd_rows(model, opt, work: str, reps: int, compute: float) -> dict[str, fl
     import ckptd
 
     out = {}
-    for label, pause in (("ckptd, next optimizer.step() at once", 0.0),
-                         (f"ckptd, overlapped ({compute:.2f} s of compute first)", compute)):
+    for label, pause in (
+        ("ckptd, next optimizer.step() at once", 0.0),
+        (f"ckptd, overlapped ({compute:.2f} s of compute first)", compute),
+    ):
         store = os.path.join(work, "ckptd" + str(int(pause * 1000)))
         ck = ckptd.Checkpointer(store, model=model, optimizer=opt, policy="every:1000000000", keep_last=1)
         ck.save(0).durable.result()  # allocates the staging pool once, as the first snapshot of a run does
@@ -149,8 +153,9 @@ def torchsnapshot_row(model, opt, work: str, reps: int) -> float:
 
     def run(i):
         t0 = time.perf_counter()
-        pending = torchsnapshot.Snapshot.async_take(os.path.join(work, f"ts{i}"),
-                                                    app_state={"model": model, "optim": opt})
+        pending = torchsnapshot.Snapshot.async_take(
+            os.path.join(work, f"ts{i}"), app_state={"model": model, "optim": opt}
+        )
         blocked = time.perf_counter() - t0
         pending.wait()
         shutil.rmtree(os.path.join(work, f"ts{i}"), ignore_errors=True)
@@ -174,6 +179,7 @@ def torch_checkpointing_row(model, opt, work: str, reps: int) -> float:
     # O_DIRECT opens here but rejects torch.save's unaligned writes (EINVAL), so plain I/O.
     saver = tc.make_async_checkpoint_saver(storage_config=LocalFileSystemStorageConfig(use_direct_io=False))
     try:
+
         def run(i):
             t0 = time.perf_counter()
             staged, written = saver.save(os.path.join(work, f"tcp{i}"), Ckpt())
@@ -196,17 +202,22 @@ def main() -> int:
     args = p.parse_args()
     model, opt, nbytes = make_state(args.gib)
     work = tempfile.mkdtemp(prefix="ckptd-stall-", dir=args.dir)
-    print(f"state: {nbytes / 2**30:.2f} GiB (params + AdamW moments), {torch.get_num_threads()} torch threads, "
-          f"medians of {args.reps}")
+    print(
+        f"state: {nbytes / 2**30:.2f} GiB (params + AdamW moments), {torch.get_num_threads()} torch threads, "
+        f"medians of {args.reps}"
+    )
     rows: dict[str, float | str] = {}
     try:
         rows.update(memcpy_rows(model, nbytes, args.reps))
         gc.collect()
         memcpy = rows["memcpy: Tensor.copy_ into reused buffers"]
         rows.update(ckptd_rows(model, opt, work, args.reps, compute=2 * memcpy))
-        for name, fn in (("torch.save (blocking)", torch_save_row), ("DCP async_save (until it returns)", dcp_row),
-                         ("torchsnapshot async_take (until it returns)", torchsnapshot_row),
-                         ("torch-checkpointing async save (until staged)", torch_checkpointing_row)):
+        for name, fn in (
+            ("torch.save (blocking)", torch_save_row),
+            ("DCP async_save (until it returns)", dcp_row),
+            ("torchsnapshot async_take (until it returns)", torchsnapshot_row),
+            ("torch-checkpointing async save (until staged)", torch_checkpointing_row),
+        ):
             gc.collect()
             try:
                 rows[name] = fn(model, opt, work, args.reps)

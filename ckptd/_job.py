@@ -58,8 +58,10 @@ def join(store: Store, local_root: str, *, take_over: bool, lease_ttl: float, sh
     places: list = [None] * world
     dist.all_gather_object(places, where, group=write_group)
     if shared_store and len(set(places)) > 1:
-        raise ConfigError(f"the store {store.uri} is a local path, but ranks see it on different hosts "
-                          f"({sorted({h for h, _ in places})}); use a shared file system or an s3:// store")
+        raise ConfigError(
+            f"the store {store.uri} is a local path, but ranks see it on different hosts "
+            f"({sorted({h for h, _ in places})}); use a shared file system or an s3:// store"
+        )
     lease, outcome = None, [None, ""]
     if rank == 0:
         try:

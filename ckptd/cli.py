@@ -117,17 +117,39 @@ def ls_cmd(store: str, as_json: bool) -> None:
 
     infos = list_snapshots(_open(store))
     if as_json:
-        _json([{"step": i.step, "created": i.created.isoformat(), "nbytes": i.nbytes, "committed": i.committed,
-                "state": i.state, "detail": i.detail, "tiers": list(i.tiers), "world_size": i.world_size,
-                "uri": i.uri} for i in infos])
+        _json(
+            [
+                {
+                    "step": i.step,
+                    "created": i.created.isoformat(),
+                    "nbytes": i.nbytes,
+                    "committed": i.committed,
+                    "state": i.state,
+                    "detail": i.detail,
+                    "tiers": list(i.tiers),
+                    "world_size": i.world_size,
+                    "uri": i.uri,
+                }
+                for i in infos
+            ]
+        )
         return
     why = any(i.detail for i in infos)
-    table = _table(f"{store}: {sum(i.committed for i in infos)} committed",
-                   ["step", "created", "size", "tiers", "state", "ranks"] + (["what it lacks"] if why else []))
+    table = _table(
+        f"{store}: {sum(i.committed for i in infos)} committed",
+        ["step", "created", "size", "tiers", "state", "ranks"] + (["what it lacks"] if why else []),
+    )
     for i in infos:
         state = i.state if i.committed else f"[yellow]{i.state}[/]"
-        table.add_row(str(i.step), i.created.strftime("%Y-%m-%d %H:%M:%S"), _size(i.nbytes), ",".join(i.tiers),
-                      state, str(i.world_size or "-"), *([i.detail] if why else []))
+        table.add_row(
+            str(i.step),
+            i.created.strftime("%Y-%m-%d %H:%M:%S"),
+            _size(i.nbytes),
+            ",".join(i.tiers),
+            state,
+            str(i.world_size or "-"),
+            *([i.detail] if why else []),
+        )
     _print(table)
 
 
@@ -146,13 +168,23 @@ def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
         _json(info)
         return
     head = [f"{k}: {info.get(k)}" for k in ("step", "created", "world_size", "host", "format") if info.get(k)]
-    click.echo("\n".join(head + [f"size: {_size(info['nbytes'])}", *_written(info.get("meta") or {}),
-                                 f"metrics: {info.get('metrics', {})}",
-                                 f"rng streams: {', '.join(info['rng']) or 'none'}"]))
+    click.echo(
+        "\n".join(
+            head
+            + [
+                f"size: {_size(info['nbytes'])}",
+                *_written(info.get("meta") or {}),
+                f"metrics: {info.get('metrics', {})}",
+                f"rng streams: {', '.join(info['rng']) or 'none'}",
+            ]
+        )
+    )
     for group in dict.fromkeys(t["group"] for t in info["tensors"]):
         rows = [t for t in info["tensors"] if t["group"] == group]
-        table = _table(f"{group}: {len(rows)} tensors, {_size(sum(t['nbytes'] for t in rows))}",
-                       ["name", "shape", "dtype", "bytes"])
+        table = _table(
+            f"{group}: {len(rows)} tensors, {_size(sum(t['nbytes'] for t in rows))}",
+            ["name", "shape", "dtype", "bytes"],
+        )
         for t in rows:
             table.add_row(t["name"], str(tuple(t["shape"])), t["dtype"], _size(t["nbytes"]))
         _print(table)
@@ -163,8 +195,11 @@ def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
         _print(table)
 
 
-_IO_PATHS = {"o_direct": "O_DIRECT from the file image", "buffered": "buffered (the file system refused O_DIRECT)",
-             "dcp": "dcp.save, then checksummed"}
+_IO_PATHS = {
+    "o_direct": "O_DIRECT from the file image",
+    "buffered": "buffered (the file system refused O_DIRECT)",
+    "dcp": "dcp.save, then checksummed",
+}
 
 
 def _written(meta: dict) -> list[str]:
@@ -202,8 +237,11 @@ def verify_cmd(store: str, step: int | None, all_: bool) -> None:
     from .tools.verify import verify_snapshot
 
     st = _open(store)
-    steps = [i.step for i in list_snapshots(st) if i.committed or i.state == "corrupt"] if all_ else [
-        newest_committed(st) if step is None else step]
+    steps = (
+        [i.step for i in list_snapshots(st) if i.committed or i.state == "corrupt"]
+        if all_
+        else [newest_committed(st) if step is None else step]
+    )
     bad = 0
     for s in steps:
         problems = verify_snapshot(st, s)
@@ -221,8 +259,13 @@ def verify_cmd(store: str, step: int | None, all_: bool) -> None:
 def _progress(total: int, label: str):
     from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   transient=False)
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        transient=False,
+    )
     task = bar.add_task(label, total=total)
     return bar, (lambda n: bar.advance(task, n))
 
@@ -240,9 +283,9 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
     import os
 
     from .errors import NoGoodSnapshot, SnapshotCorrupt, SnapshotExists, StoreError
+    from .persist.transfer import download_snapshot
     from .restore.find import list_snapshots, read_manifest
     from .store.file import FileStore
-    from .persist.transfer import download_snapshot
     from .tools import torchsnapshot_format as tsf
     from .tools.describe import newest_committed
 
@@ -253,8 +296,12 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
         click.echo(f"converted torchsnapshot {store} into {dest}/step-{m.step:012d}")
         return
     src = _open(store)
-    steps = [step] if step is not None else [newest_committed(src)] + [
-        i.step for i in reversed(list_snapshots(src)) if i.committed or i.state == "corrupt"]
+    steps = (
+        [step]
+        if step is not None
+        else [newest_committed(src)]
+        + [i.step for i in reversed(list_snapshots(src)) if i.committed or i.state == "corrupt"]
+    )
     bad: list[str] = []
     for s in dict.fromkeys(steps):
         target = os.path.join(dest, f"step-{s:012d}")
@@ -280,11 +327,21 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
 @main.command("export")
 @click.argument("store")
 @click.option("--step", type=int, default=None, help="Default: the newest committed snapshot.")
-@click.option("--format", "fmt", type=click.Choice(["torch", "safetensors"]), default="torch", show_default=True,
-              help="File format of OUTPUT.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["torch", "safetensors"]),
+    default="torch",
+    show_default=True,
+    help="File format of OUTPUT.",
+)
 @click.option("-o", "--output", required=True, help="File to write.")
-@click.option("--only", type=click.Choice(["model", "optimizer", "scheduler", "extra"]), default=None,
-              help="Export one group only (default: all).")
+@click.option(
+    "--only",
+    type=click.Choice(["model", "optimizer", "scheduler", "extra"]),
+    default=None,
+    help="Export one group only (default: all).",
+)
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @_user_errors
 def export_cmd(store, step, fmt, output, only, force) -> None:
@@ -292,8 +349,11 @@ def export_cmd(store, step, fmt, output, only, force) -> None:
     from .tools.export import export
 
     r = export(store, output, fmt=fmt, step=step, only=only, force=force)
-    note = f", {r['skipped_values']} non-tensor values left out (safetensors holds tensors only)" \
-        if r["skipped_values"] else ""
+    note = (
+        f", {r['skipped_values']} non-tensor values left out (safetensors holds tensors only)"
+        if r["skipped_values"]
+        else ""
+    )
     click.echo(f"wrote {r['path']}: {r['tensors']} tensors, {_size(r['bytes'])}{note}")
 
 
@@ -338,8 +398,9 @@ def gc_cmd(store: str, keep_last: int, keep_every: int | None, grace: str, dry_r
 @click.argument("store")
 @click.argument("a", type=int)
 @click.argument("b", type=int)
-@click.option("--top", type=click.IntRange(min=1), default=20, show_default=True,
-              help="Show the N tensors that changed most.")
+@click.option(
+    "--top", type=click.IntRange(min=1), default=20, show_default=True, help="Show the N tensors that changed most."
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def diff_cmd(store: str, a: int, b: int, top: int, as_json: bool) -> None:
@@ -373,48 +434,113 @@ def plot_cmd(store: str, output: str) -> None:
 
 @main.command("daemon")
 @click.option("--store", envvar="CKPTD_STORE", default=None, help="Object store for uploads (CKPTD_STORE).")
-@click.option("--socket", "socket_path", envvar="CKPTD_SOCKET", default=None,
-              help="Unix socket (CKPTD_SOCKET; default $XDG_RUNTIME_DIR/ckptd.sock or /tmp/ckptd-UID/daemon.sock).")
-@click.option("--metrics-port", type=int, envvar="CKPTD_METRICS_PORT", default=None,
-              help="Prometheus text on 127.0.0.1:PORT (CKPTD_METRICS_PORT).")
-@click.option("--poll", type=float, envvar="CKPTD_POLL", default=0.5, show_default=True,
-              help="Seconds between GPU and host health polls (CKPTD_POLL).")
-@click.option("--hang-factor", type=float, envvar="CKPTD_HANG_FACTOR", default=10.0, show_default=True,
-              help="A job hangs after this many median step times without a step (CKPTD_HANG_FACTOR)...")
-@click.option("--hang-floor", type=float, envvar="CKPTD_HANG_FLOOR", default=60.0, show_default=True,
-              help="...but never sooner than this many seconds (CKPTD_HANG_FLOOR).")
-@click.option("--grace", type=float, envvar="CKPTD_GRACE", default=30.0, show_default=True,
-              help="Seconds from the SIGTERM that stops a faulty job to its SIGKILL (CKPTD_GRACE).")
-@click.option("--log", "log_file", envvar="CKPTD_DAEMON_LOG", default=None,
-              help="Append the daemon's log to this file (CKPTD_DAEMON_LOG; default: stderr).")
-@click.option("--max-clients", type=click.IntRange(min=1), envvar="CKPTD_MAX_CLIENTS", default=256, show_default=True,
-              help="Connections served at once; more get an error reply (CKPTD_MAX_CLIENTS).")
-@click.option("--idle-timeout", type=click.FloatRange(min=0.1), envvar="CKPTD_IDLE_TIMEOUT", default=600.0,
-              show_default=True, help="Seconds before a silent connection is closed (CKPTD_IDLE_TIMEOUT).")
+@click.option(
+    "--socket",
+    "socket_path",
+    envvar="CKPTD_SOCKET",
+    default=None,
+    help="Unix socket (CKPTD_SOCKET; default $XDG_RUNTIME_DIR/ckptd.sock or /tmp/ckptd-UID/daemon.sock).",
+)
+@click.option(
+    "--metrics-port",
+    type=int,
+    envvar="CKPTD_METRICS_PORT",
+    default=None,
+    help="Prometheus text on 127.0.0.1:PORT (CKPTD_METRICS_PORT).",
+)
+@click.option(
+    "--poll",
+    type=float,
+    envvar="CKPTD_POLL",
+    default=0.5,
+    show_default=True,
+    help="Seconds between GPU and host health polls (CKPTD_POLL).",
+)
+@click.option(
+    "--hang-factor",
+    type=float,
+    envvar="CKPTD_HANG_FACTOR",
+    default=10.0,
+    show_default=True,
+    help="A job hangs after this many median step times without a step (CKPTD_HANG_FACTOR)...",
+)
+@click.option(
+    "--hang-floor",
+    type=float,
+    envvar="CKPTD_HANG_FLOOR",
+    default=60.0,
+    show_default=True,
+    help="...but never sooner than this many seconds (CKPTD_HANG_FLOOR).",
+)
+@click.option(
+    "--grace",
+    type=float,
+    envvar="CKPTD_GRACE",
+    default=30.0,
+    show_default=True,
+    help="Seconds from the SIGTERM that stops a faulty job to its SIGKILL (CKPTD_GRACE).",
+)
+@click.option(
+    "--log",
+    "log_file",
+    envvar="CKPTD_DAEMON_LOG",
+    default=None,
+    help="Append the daemon's log to this file (CKPTD_DAEMON_LOG; default: stderr).",
+)
+@click.option(
+    "--max-clients",
+    type=click.IntRange(min=1),
+    envvar="CKPTD_MAX_CLIENTS",
+    default=256,
+    show_default=True,
+    help="Connections served at once; more get an error reply (CKPTD_MAX_CLIENTS).",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0.1),
+    envvar="CKPTD_IDLE_TIMEOUT",
+    default=600.0,
+    show_default=True,
+    help="Seconds before a silent connection is closed (CKPTD_IDLE_TIMEOUT).",
+)
 @_user_errors
-def daemon_cmd(store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace, log_file, max_clients,
-               idle_timeout) -> None:
+def daemon_cmd(
+    store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace, log_file, max_clients, idle_timeout
+) -> None:
     """The node sidecar: GPU and host health, hang detection, uploads that outlive the trainer."""
+    import faulthandler
     import logging
     import os
+    import signal
 
     from .daemon.server import default_socket
     from .daemon.service import Daemon, DaemonConfig
 
-    import faulthandler
-    import signal
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", filename=log_file)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` shows what the daemon is doing
-    cfg = DaemonConfig(socket=socket_path or default_socket(), store=store, metrics_port=metrics_port, poll=poll,
-                       hang_factor=hang_factor, hang_floor=hang_floor, grace=grace, max_clients=max_clients,
-                       idle_timeout=idle_timeout, log_file=os.path.abspath(log_file) if log_file else None)
+    cfg = DaemonConfig(
+        socket=socket_path or default_socket(),
+        store=store,
+        metrics_port=metrics_port,
+        poll=poll,
+        hang_factor=hang_factor,
+        hang_floor=hang_floor,
+        grace=grace,
+        max_clients=max_clients,
+        idle_timeout=idle_timeout,
+        log_file=os.path.abspath(log_file) if log_file else None,
+    )
     Daemon(cfg).run()
 
 
 @main.command("status")
-@click.option("--socket", "socket_path", envvar="CKPTD_SOCKET", default=None,
-              help="The daemon's socket (CKPTD_SOCKET; default: the node's default socket).")
+@click.option(
+    "--socket",
+    "socket_path",
+    envvar="CKPTD_SOCKET",
+    default=None,
+    help="The daemon's socket (CKPTD_SOCKET; default: the node's default socket).",
+)
 @click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every field in full.")
 @_user_errors
 def status_cmd(socket_path: str | None, as_json: bool) -> None:
@@ -428,14 +554,23 @@ def status_cmd(socket_path: str | None, as_json: bool) -> None:
     if as_json:
         _json(st)
         return
-    click.echo(f"daemon pid {st['pid']} on {st['socket']}, up {st['uptime_s']:.0f} s; NVML: {st['nvml']}; "
-               f"upload backlog: {st['backlog']}")
+    click.echo(
+        f"daemon pid {st['pid']} on {st['socket']}, up {st['uptime_s']:.0f} s; NVML: {st['nvml']}; "
+        f"upload backlog: {st['backlog']}"
+    )
     click.echo(f"daemon log: {st.get('log') or 'its stderr (started by hand without --log)'}")
     table = _table("jobs", ["job", "pid", "rank", "step", "step time s", "last snapshot", "devices", "state"])
     for j in st["jobs"]:
-        table.add_row(j.get("job") or "-", str(j["pid"]), str(j["rank"]), str(j["step"]),
-                      "-" if j["step_time_s"] is None else f"{j['step_time_s']:.3f}", str(j["last_snapshot"]),
-                      ",".join(map(str, j["devices"])) or "all", j["stopping"] or "running")
+        table.add_row(
+            j.get("job") or "-",
+            str(j["pid"]),
+            str(j["rank"]),
+            str(j["step"]),
+            "-" if j["step_time_s"] is None else f"{j['step_time_s']:.3f}",
+            str(j["last_snapshot"]),
+            ",".join(map(str, j["devices"])) or "all",
+            j["stopping"] or "running",
+        )
     _print(table)
     _print_gpus(st["gpus"], st["bad_gpus"])
 
@@ -447,13 +582,17 @@ def _print_gpus(gpus: list, bad: dict) -> None:
     drivers = sorted({(g.get("driver", "n/a"), g.get("cuda", "n/a")) for g in gpus})
     click.echo("; ".join(f"driver {d}, CUDA {c}" for d, c in drivers))
     daemon = "jobs" in gpus[0]
-    table = _table("GPUs", ["gpu", "name", "uuid", "pci bus id", "jobs" if daemon else "processes", "state",
-                            "reasons"])
+    table = _table("GPUs", ["gpu", "name", "uuid", "pci bus id", "jobs" if daemon else "processes", "state", "reasons"])
     for g in gpus:
-        table.add_row(str(g["index"]), g.get("name", "n/a"), g.get("uuid", "n/a"), g.get("pci_bus_id", "n/a"),
-                      _gpu_users(g, daemon),
-                      g["state"] + (" (marked bad)" if str(g["index"]) in map(str, bad) else ""),
-                      "; ".join(g["reasons"]) or "-")
+        table.add_row(
+            str(g["index"]),
+            g.get("name", "n/a"),
+            g.get("uuid", "n/a"),
+            g.get("pci_bus_id", "n/a"),
+            _gpu_users(g, daemon),
+            g["state"] + (" (marked bad)" if str(g["index"]) in map(str, bad) else ""),
+            "; ".join(g["reasons"]) or "-",
+        )
     _print(table)
 
 
@@ -472,13 +611,12 @@ def health_cmd(as_json: bool) -> None:
 
     Without a GPU driver it says "no NVML" and why.
     """
-    from dataclasses import asdict
+    import logging
     import tempfile
+    from dataclasses import asdict
 
     from .daemon.host import host_report
     from .daemon.nvml import NvmlHealthSource
-
-    import logging
 
     logging.getLogger("ckptd.daemon").setLevel(logging.ERROR)  # this is no daemon; the line below says it all
     nvml = NvmlHealthSource()
@@ -490,9 +628,11 @@ def health_cmd(as_json: bool) -> None:
         return
     click.echo(f"no NVML: {nvml.unavailable}" if nvml.unavailable else f"NVML: {len(gpus)} GPUs")
     _print_gpus(gpus, {})
-    click.echo(f"host: memory {host['memory_used'] * 100:.0f}% used"
-               f"{' (PRESSURE)' if host['memory_pressure'] else ''}; "
-               + ", ".join(f"{p} {free * 100:.0f}% free" for p, free in host["disks"].items()))
+    click.echo(
+        f"host: memory {host['memory_used'] * 100:.0f}% used"
+        f"{' (PRESSURE)' if host['memory_pressure'] else ''}; "
+        + ", ".join(f"{p} {free * 100:.0f}% free" for p, free in host["disks"].items())
+    )
 
 
 # -- run (supervisor) -------------------------------------------------------
@@ -504,11 +644,23 @@ def _fmt_s(value: float | None) -> str:
 
 @main.command("run", context_settings={"ignore_unknown_options": True})
 @click.option("--store", envvar="CKPTD_STORE", required=True, help="Store URI handed to the job (CKPTD_STORE).")
-@click.option("--max-restarts", type=int, default=10, show_default=True, envvar="CKPTD_MAX_RESTARTS",
-              help="Relaunches before giving up (CKPTD_MAX_RESTARTS).")
+@click.option(
+    "--max-restarts",
+    type=int,
+    default=10,
+    show_default=True,
+    envvar="CKPTD_MAX_RESTARTS",
+    help="Relaunches before giving up (CKPTD_MAX_RESTARTS).",
+)
 @click.option("--backoff", type=float, default=1.0, show_default=True, help="Seconds before the first relaunch.")
-@click.option("--grace", type=float, default=30.0, show_default=True, envvar="CKPTD_GRACE",
-              help="Seconds from SIGTERM to SIGKILL.")
+@click.option(
+    "--grace",
+    type=float,
+    default=30.0,
+    show_default=True,
+    envvar="CKPTD_GRACE",
+    help="Seconds from SIGTERM to SIGKILL.",
+)
 @click.option("--gpus", default=None, envvar="CKPTD_GPUS", help="CUDA devices, e.g. 0,1,2,3.")
 @click.option("--socket", default=None, envvar="CKPTD_SOCKET", help="Daemon socket handed to the job.")
 @click.option("--no-daemon", is_flag=True, help="Do not start a node daemon (uploads run in the trainer).")
@@ -525,32 +677,50 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
     """
     import shutil
 
-    from rich.console import Console
     from rich.table import Table
 
     from .preempt import EXIT_PREEMPTED
     from .supervisor import RunConfig, Supervisor
 
     if command[0].startswith("-"):
-        raise click.UsageError(f"no such option: {command[0]}; the job's command goes after --, "
-                               "e.g. ckptd run --store DIR -- python train.py")
+        raise click.UsageError(
+            f"no such option: {command[0]}; the job's command goes after --, "
+            "e.g. ckptd run --store DIR -- python train.py"
+        )
     if shutil.which(command[0]) is None:
         raise UserError(f"cannot run {command[0]!r}: no such program (give a path or a command on PATH)")
     try:
         gpu_list = None if gpus is None else tuple(int(g) for g in gpus.split(",") if g.strip())
     except ValueError:
         raise UserError(f"--gpus {gpus!r}: give device numbers like 0,1,2,3") from None
-    cfg = RunConfig(store=store, command=tuple(command), max_restarts=max_restarts, backoff=backoff,
-                    backoff_max=max(60.0, backoff), grace=grace, gpus=gpu_list, socket=socket,
-                    daemon=not no_daemon, take_over=take_over)
+    cfg = RunConfig(
+        store=store,
+        command=tuple(command),
+        max_restarts=max_restarts,
+        backoff=backoff,
+        backoff_max=max(60.0, backoff),
+        grace=grace,
+        gpus=gpu_list,
+        socket=socket,
+        daemon=not no_daemon,
+        take_over=take_over,
+    )
     summary = Supervisor(cfg).run()
     console = _console(stderr=True)
     table = Table(title=f"ckptd run: {summary.outcome} in {summary.wall_s:.1f} s, {len(summary.restarts)} restarts")
     for col in ("#", "cause", "lost steps", "detect s", "restart s", "restore s", "catch-up s", "recovery s"):
         table.add_column(col, justify="right" if col != "cause" else "left")
     for i, r in enumerate(summary.restarts, 1):
-        table.add_row(str(i), r.cause, "-" if r.lost_steps is None else str(r.lost_steps), _fmt_s(r.detection_s),
-                      _fmt_s(r.restart_s), _fmt_s(r.restore_s), _fmt_s(r.catch_up_s), _fmt_s(r.recovery_s))
+        table.add_row(
+            str(i),
+            r.cause,
+            "-" if r.lost_steps is None else str(r.lost_steps),
+            _fmt_s(r.detection_s),
+            _fmt_s(r.restart_s),
+            _fmt_s(r.restore_s),
+            _fmt_s(r.catch_up_s),
+            _fmt_s(r.recovery_s),
+        )
     console.print(table)
     if summary.exit_code == EXIT_PREEMPTED:
         import signal
@@ -558,7 +728,6 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a Slurm requeue signals us too; we are exiting 75 anyway
         Supervisor.requeue_if_preempted(summary)
     raise SystemExit(summary.exit_code)
-
 
 
 # -- policy -----------------------------------------------------------------
@@ -575,26 +744,39 @@ def _seconds(text: str) -> float:
         raise click.BadParameter(f"{text!r} is not a duration; use 20s, 5m, 2h or seconds") from None
 
 
-
 @main.group("policy", invoke_without_command=True)
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs the job uses.")
-@click.option("--stall", default="0.5s", show_default=True,
-              help="Training stall per snapshot (the hook measures it; `ckptd status` shows it).")
+@click.option(
+    "--stall",
+    default="0.5s",
+    show_default=True,
+    help="Training stall per snapshot (the hook measures it; `ckptd status` shows it).",
+)
 @click.option("--persist", default="10s", show_default=True, help="Time until a snapshot is durable (lower bound).")
 @click.option("--size", default="1", show_default=True, help="Snapshot size in GB (storage cost).")
 @click.option("--per-gpu-hour", type=float, default=None, help="Hardware failures per GPU-hour (default: Llama 3).")
-@click.option("--job-rate", type=float, default=None,
-              help="Job-level failures per hour: software, operator, preemption (default: Llama 3's software).")
-@click.option("--failures", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Failures the job has met so far (`ckptd run` counts its restarts).")
+@click.option(
+    "--job-rate",
+    type=float,
+    default=None,
+    help="Job-level failures per hour: software, operator, preemption (default: Llama 3's software).",
+)
+@click.option(
+    "--failures",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Failures the job has met so far (`ckptd run` counts its restarts).",
+)
 @click.option("--hours", type=float, default=0.0, show_default=True, help="Hours the job has run so far.")
 @click.option("--risk", type=float, default=1.0, show_default=True, help="Live risk multiplier.")
 @click.option("--gpu-hour-usd", type=float, default=2.0, show_default=True, help="Price of one GPU-hour.")
 @click.option("--json", "as_json", is_flag=True, help="The numbers as JSON.")
 @click.pass_context
 @_user_errors
-def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures, hours, risk, gpu_hour_usd,
-               as_json) -> None:
+def policy_cmd(
+    ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures, hours, risk, gpu_hour_usd, as_json
+) -> None:
     """The snapshot interval the default policy picks, and the numbers it came from."""
     if ctx.invoked_subcommand is not None:
         return
@@ -606,15 +788,29 @@ def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures
         gb = float(size)
     except ValueError:
         raise UserError(f"--size {size!r}: give gigabytes, e.g. 1 or 0.5") from None
-    p = RiskAwarePolicy(fleet_rate=LLAMA3_PER_GPU_HOUR if per_gpu_hour is None else per_gpu_hour,
-                        job_rate=LLAMA3_JOB_PER_HOUR if job_rate is None else job_rate, gpu_hour_usd=gpu_hour_usd)
+    p = RiskAwarePolicy(
+        fleet_rate=LLAMA3_PER_GPU_HOUR if per_gpu_hour is None else per_gpu_hour,
+        job_rate=LLAMA3_JOB_PER_HOUR if job_rate is None else job_rate,
+        gpu_hour_usd=gpu_hour_usd,
+    )
     if risk > 1:
         p.raise_risk(risk, reason="--risk", now=0.0)
     p.record_hours(hours)
     p.record_failure(failures)
-    d = p.decide(PolicyContext(step=0, now=0.0, steps_since=0, seconds_since=0.0, step_time=None,
-                               stall=_seconds(stall), persist=_seconds(persist), in_flight=0, gpus=gpus,
-                               nbytes=int(gb * 1e9)))
+    d = p.decide(
+        PolicyContext(
+            step=0,
+            now=0.0,
+            steps_since=0,
+            seconds_since=0.0,
+            step_time=None,
+            stall=_seconds(stall),
+            persist=_seconds(persist),
+            in_flight=0,
+            gpus=gpus,
+            nbytes=int(gb * 1e9),
+        )
+    )
     if as_json:
         _json(d)
         return
@@ -632,13 +828,21 @@ def policy_cmd(ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures
         ("", "live risk", f"x{d['risk']:.2f}", "--risk (the daemon raises it on degraded GPUs)"),
         ("", "job MTBF", _duration(d["mtbf_s"]), "1 / (estimate x risk)"),
         ("cost", "stall", f"{d['stall_s']:.2f} s", "--stall (the hook measures it)"),
-        ("", "money", f"${d['dollars_per_snapshot']:.5f} = {d['money_s']:.3f} s",
-         f"S3 list prices, {size} GB kept 3 times, ${gpu_hour_usd}/GPU-h"),
+        (
+            "",
+            "money",
+            f"${d['dollars_per_snapshot']:.5f} = {d['money_s']:.3f} s",
+            f"S3 list prices, {size} GB kept 3 times, ${gpu_hour_usd}/GPU-h",
+        ),
         ("", "C", f"{d['cost_s']:.2f} s", "stall + money"),
         ("interval", "Daly", _duration(d["daly"]), "the optimum of Daly's (2006) model for C and MTBF"),
         ("", "persist", _duration(d["persist_s"] or 0), "--persist: lower bound"),
-        ("", "stall budget", _duration(d["stall_s"] / budget / d["risk"]) if budget and d["stall_s"] else "-",
-         f"stall <= {budget:.0%} of training: lower bound" if budget else "off"),
+        (
+            "",
+            "stall budget",
+            _duration(d["stall_s"] / budget / d["risk"]) if budget and d["stall_s"] else "-",
+            f"stall <= {budget:.0%} of training: lower bound" if budget else "off",
+        ),
         ("", "max interval", _duration(p.max_interval), "upper bound"),
         ("", "chosen", _duration(d["interval"]), f"the {d['bound']} bound"),
         ("waste", "expected", f"{d['expected_waste'] * 100:.3f} %", "Daly's model, with restart and persist"),
@@ -660,13 +864,19 @@ def _duration(seconds: float) -> str:
 @click.option("--gpus", type=click.IntRange(min=1), default=1024, show_default=True, help="GPUs the job uses.")
 @click.option("--per-gpu-hour", type=float, default=None, help="Failures per GPU-hour (default: Llama 3).")
 @click.option("--mtbf", default=None, help="Job MTBF instead of a per-GPU rate, e.g. 6h.")
-@click.option("--kind", type=click.Choice(["exponential", "weibull", "bursty"]), default="exponential",
-              show_default=True, help="How failures arrive.")
+@click.option(
+    "--kind",
+    type=click.Choice(["exponential", "weibull", "bursty"]),
+    default="exponential",
+    show_default=True,
+    help="How failures arrive.",
+)
 @click.option("--stall", default="20s", show_default=True, help="Training stall per snapshot.")
 @click.option("--persist", default="90s", show_default=True, help="Time until a snapshot is durable.")
 @click.option("--hours", type=float, default=168.0, show_default=True, help="Simulated hours per seed.")
-@click.option("--seeds", type=click.IntRange(min=2), default=20, show_default=True,
-              help="Failure timelines to average over.")
+@click.option(
+    "--seeds", type=click.IntRange(min=2), default=20, show_default=True, help="Failure timelines to average over."
+)
 @click.option("--plot", "plot_path", default=None, help="Write a PNG of waste against interval.")
 def policy_simulate_cmd(gpus, per_gpu_hour, mtbf, kind, stall, persist, hours, seeds, plot_path) -> None:
     """Compare policies in a seeded simulation of failures."""
@@ -679,17 +889,37 @@ def policy_simulate_cmd(gpus, per_gpu_hour, mtbf, kind, stall, persist, hours, s
     rate = per_gpu_hour or LLAMA3_PER_GPU_HOUR
     if mtbf:
         rate = 3600.0 / (_seconds(mtbf) * gpus)
-    sc = Scenario(gpus=gpus, per_gpu_hour=rate, kind=kind, stall=_seconds(stall), persist=_seconds(persist),
-                  hours=hours)
+    sc = Scenario(
+        gpus=gpus, per_gpu_hour=rate, kind=kind, stall=_seconds(stall), persist=_seconds(persist), hours=hours
+    )
     rows = simulate(sc, seeds=seeds)
     table = Table(title=f"{kind} failures, job MTBF {sc.mtbf / 3600:.2f} h, {seeds} seeds x {hours:.0f} h")
-    for col in ("policy", "interval", "waste %", "±95%", "stall", "rework", "restart", "lost/failure s",
-                "p95 s", "$/useful GPU-h"):
+    for col in (
+        "policy",
+        "interval",
+        "waste %",
+        "±95%",
+        "stall",
+        "rework",
+        "restart",
+        "lost/failure s",
+        "p95 s",
+        "$/useful GPU-h",
+    ):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for r in rows:
-        table.add_row(r.name, r.interval, f"{r.waste * 100:.2f}", f"{r.waste_ci * 100:.2f}", f"{r.stall * 100:.2f}",
-                      f"{r.rework * 100:.2f}", f"{r.restart * 100:.2f}", f"{r.loss_mean_s:.0f}",
-                      f"{r.loss_p95_s:.0f}", f"{r.dollars:.3f}")
+        table.add_row(
+            r.name,
+            r.interval,
+            f"{r.waste * 100:.2f}",
+            f"{r.waste_ci * 100:.2f}",
+            f"{r.stall * 100:.2f}",
+            f"{r.rework * 100:.2f}",
+            f"{r.restart * 100:.2f}",
+            f"{r.loss_mean_s:.0f}",
+            f"{r.loss_p95_s:.0f}",
+            f"{r.dollars:.3f}",
+        )
     Console(width=150).print(table)
     if plot_path:
         from .errors import CkptdError

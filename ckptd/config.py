@@ -71,7 +71,7 @@ class CheckpointerConfig:
             raise ConfigError(f"gpus={self.gpus!r}: must be >= 1, or None for the world size")
 
     @classmethod
-    def from_options(cls, options: dict) -> "CheckpointerConfig":
+    def from_options(cls, options: dict) -> CheckpointerConfig:
         """Build from keywords; an unknown name is an error that lists the valid ones."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - names)

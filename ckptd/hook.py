@@ -98,8 +98,7 @@ class Checkpointer:
         store = store if store is not None else os.environ.get("CKPTD_STORE")
         if not store:
             raise ConfigError("no store given: pass a path or URI, or set CKPTD_STORE")
-        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra,
-                                   loader=loader)
+        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra, loader=loader)
         self.policy = _resolve_policy(policy)
         self._closed = True  # until every resource below exists; close() then releases what was made
         self._hooks: list = []
@@ -113,30 +112,40 @@ class Checkpointer:
 
     def _open(self, store: str) -> None:
         """Acquire, in order, everything the Checkpointer owns; ``_release`` undoes it."""
-        rule = retention.Retention(keep_last=self.config.keep_last, keep_every=self.config.keep_every,
-                                   grace=self.config.incomplete_grace)
+        rule = retention.Retention(
+            keep_last=self.config.keep_last, keep_every=self.config.keep_every, grace=self.config.incomplete_grace
+        )
         opened = open_store(store)
         self._opened.append(opened.close)
         is_file = isinstance(opened, FileStore)
         if is_file and self.config.local is not None:
-            raise ConfigError(f"local={self.config.local!r} applies to object stores; {opened.uri} is already "
-                              "local: drop local=")
+            raise ConfigError(
+                f"local={self.config.local!r} applies to object stores; {opened.uri} is already local: drop local="
+            )
         local = opened.root if is_file else (self.config.local or default_local_dir(opened.uri, env_job_id()))
-        self._place = _job.join(opened, local, take_over=self.config.take_over, lease_ttl=self.config.lease_ttl,
-                                shared_store=is_file)
+        self._place = _job.join(
+            opened, local, take_over=self.config.take_over, lease_ttl=self.config.lease_ttl, shared_store=is_file
+        )
         self._opened.append(self._place.close)
         self._ranks, self._decide_group = self._place.ranks, self._place.decide_group
         link = _connect_daemon(store, self._ranks, local)  # the health watcher, and the uploader when remote
-        tiers = Tiers(opened, local=None if is_file else local, rank=self._ranks.rank,
-                      world_size=self._ranks.world_size, rule=rule, external=link is not None and not is_file,
-                      upload=UploadConfig(ranks_timeout=self.config.ranks_timeout))
+        tiers = Tiers(
+            opened,
+            local=None if is_file else local,
+            rank=self._ranks.rank,
+            world_size=self._ranks.world_size,
+            rule=rule,
+            external=link is not None and not is_file,
+            upload=UploadConfig(ranks_timeout=self.config.ranks_timeout),
+        )
         self._persistence = PersistClient(tiers, link)
         self._opened.append(lambda: self._persistence.close(wait=False))
         self.tiers = tiers
         self.store: FileStore = tiers.local
         self.measure = Measurements()
-        self._pool = HostPool(pin=torch.cuda.is_available(), budget=self.config.staging_budget,
-                              reserve=self.config.memory_reserve)
+        self._pool = HostPool(
+            pin=torch.cuda.is_available(), budget=self.config.staging_budget, reserve=self.config.memory_reserve
+        )
         self._opened.append(self._pool.close)
         self._stager = make_stager()
         self._opened.append(self._stager.close)
@@ -229,8 +238,10 @@ class Checkpointer:
         if pending:
             late = sorted(h.step for h in handles if h.durable in pending)
             why = "; ".join(f"step {s}: {self.tiers.detail(s)}" for s in late)
-            raise SnapshotError(f"snapshots of steps {late} are not durable after {timeout:.0f} s ({why}); "
-                                f"they are kept in {self.store.root}")
+            raise SnapshotError(
+                f"snapshots of steps {late} are not durable after {timeout:.0f} s ({why}); "
+                f"they are kept in {self.store.root}"
+            )
         self._prune()
         self._failures.raise_all()
 
@@ -244,7 +255,7 @@ class Checkpointer:
         finally:
             self._release()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -267,8 +278,12 @@ class Checkpointer:
 
     def stats(self) -> dict[str, Any]:
         """Staging memory, median step/stall/persist seconds, the upload backlog and the daemon in use."""
-        return {"pool_bytes": self._pool.nbytes, "backlog": self.backlog, "daemon": self._persistence.uses_daemon,
-                **self.measure.summary()}
+        return {
+            "pool_bytes": self._pool.nbytes,
+            "backlog": self.backlog,
+            "daemon": self._persistence.uses_daemon,
+            **self.measure.summary(),
+        }
 
     # -- restore ------------------------------------------------------------
 
@@ -286,9 +301,12 @@ class Checkpointer:
             if self.config.on_bad_snapshots != "start_over":
                 raise
             if into.touched:
-                raise NoGoodSnapshot(f"{e}; the model and optimizer now hold part of a snapshot that failed as it "
-                                     "was read into them, so they cannot start over: build them again and restore, "
-                                     "or remove the bad snapshots", problems=e.problems) from e
+                raise NoGoodSnapshot(
+                    f"{e}; the model and optimizer now hold part of a snapshot that failed as it "
+                    "was read into them, so they cannot start over: build them again and restore, "
+                    "or remove the bad snapshots",
+                    problems=e.problems,
+                ) from e
             log.error("ckptd: %s; starting over from step 0 (on_bad_snapshots='start_over')", e)
             manifest = None
         if manifest is None:
@@ -318,7 +336,10 @@ class Checkpointer:
         return newest_readable(
             lambda s, below: choose(self.tiers, self._ranks, self._decide_group, s, below=below),
             refetching(self.tiers, lambda m: read_state(self.store.path_of(step_dir(m.step)), m, into=into.fit(m))),
-            step=step, where=self.store.uri, agree=lambda problem: agree(self._ranks, self._decide_group, problem))
+            step=step,
+            where=self.store.uri,
+            agree=lambda problem: agree(self._ranks, self._decide_group, problem),
+        )
 
     def _destinations(self) -> Destinations:
         """The model's and optimizers' own tensors, which a restore reads into in place."""
@@ -326,8 +347,13 @@ class Checkpointer:
             leaves = flatten(self.state.capture(self._ranks.rank))
         except CkptdError:
             return Destinations()
-        return Destinations({leaf.fqn: leaf.value for leaf in leaves
-                             if isinstance(leaf.value, torch.Tensor) and leaf.path[0][1] in ("model", "optimizer")})
+        return Destinations(
+            {
+                leaf.fqn: leaf.value
+                for leaf in leaves
+                if isinstance(leaf.value, torch.Tensor) and leaf.path[0][1] in ("model", "optimizer")
+            }
+        )
 
     def _catch_up_schedulers(self) -> None:
         # attach() snapshots inside optimizer.step(), before the loop's scheduler.step().
@@ -342,8 +368,13 @@ class Checkpointer:
         """What the policy sees now."""
         now = time.monotonic() if now is None else now
         in_flight = sum(1 for h in self._inflight if not h.durable.done())
-        return self.measure.context(step, now, in_flight=in_flight, gpus=self.config.gpus or self._ranks.world_size,
-                                    nbytes=self._pool.nbytes or None)
+        return self.measure.context(
+            step,
+            now,
+            in_flight=in_flight,
+            gpus=self.config.gpus or self._ranks.world_size,
+            nbytes=self._pool.nbytes or None,
+        )
 
     def _wants_snapshot(self, step: int, now: float) -> bool:
         if self._ranks.rank != 0:
@@ -378,8 +409,12 @@ class Checkpointer:
         if not self._pool_free.is_set():
             level = logging.DEBUG if self._warned_backlog else logging.WARNING
             self._warned_backlog = True
-            log.log(level, "ckptd: step %d waits for the previous snapshot's write; snapshots come "
-                    "faster than they persist, so lengthen the interval", step)
+            log.log(
+                level,
+                "ckptd: step %d waits for the previous snapshot's write; snapshots come "
+                "faster than they persist, so lengthen the interval",
+                step,
+            )
             self._pool_free.wait()
         handle = SnapshotHandle(step, started=time.monotonic())
         captured = self.state.capture(self._ranks.rank)
@@ -391,13 +426,20 @@ class Checkpointer:
         for fqn, t in tensors.items():
             (later_pairs if t.data_ptr() in deferred else now_pairs).append((t, bufs[fqn]))
         self._stager.copy(now_pairs, wait=True).result()
-        staged = [Leaf(leaf.fqn, leaf.path, bufs[leaf.fqn] if leaf.fqn in bufs else copy.deepcopy(leaf.value))
-                  for leaf in leaves]
+        staged = [
+            Leaf(leaf.fqn, leaf.path, bufs[leaf.fqn] if leaf.fqn in bufs else copy.deepcopy(leaf.value))
+            for leaf in leaves
+        ]
         self._pool_free.clear()
         handle.staged = self._stager.copy(later_pairs, wait=False)
         self._pending_stage = handle.staged
-        meta = {"attach": self._attach_mode, "pool_bytes": self._pool.nbytes, "pid": os.getpid(),
-                "policy": _policy_note(self.policy), "groups": summarize(captured)}
+        meta = {
+            "attach": self._attach_mode,
+            "pool_bytes": self._pool.nbytes,
+            "pid": os.getpid(),
+            "policy": _policy_note(self.policy),
+            "groups": summarize(captured),
+        }
         handle.stall = time.perf_counter() - t0
         with self._lock:
             self._inflight.append(handle)
@@ -422,11 +464,22 @@ class Checkpointer:
             handle.advance(SnapshotState.STAGED)
             log.debug("ckptd: step %d: staged, writing", handle.step)
             if not self.tiers.make_room(int(self._pool.nbytes * 1.1)):
-                raise SnapshotError(f"local tier {self.store.root} is full and holds nothing durable to drop; "
-                                    "snapshot skipped: free space there or point local= at a larger disk")
+                raise SnapshotError(
+                    f"local tier {self.store.root} is full and holds nothing durable to drop; "
+                    "snapshot skipped: free space there or point local= at a larger disk"
+                )
             meta["stall_s"] = handle.stall
-            done = write_snapshot(self.store, handle.step, leaves, self._ranks, metrics=metrics, meta=meta,
-                                  fence=self._place.fence, image=self._pool.image, writer=self._writer)
+            done = write_snapshot(
+                self.store,
+                handle.step,
+                leaves,
+                self._ranks,
+                metrics=metrics,
+                meta=meta,
+                fence=self._place.fence,
+                image=self._pool.image,
+                writer=self._writer,
+            )
             handle.advance(SnapshotState.WRITTEN)
             handle.advance(SnapshotState.COMMITTED)
         except BaseException as e:
@@ -452,8 +505,11 @@ class Checkpointer:
         m = done.manifest
         where = self.store if self.tiers.remote is None else self.tiers.remote
         tiers = ("local",) if self.tiers.remote is None else (("local", "s3") if done.whole else ("s3",))
-        handle.durable.set_result(SnapshotInfo(m.step, m.created_at, m.nbytes, True, tiers,
-                                               f"{where.uri}/{step_dir(m.step)}", m.world_size, m.metrics))
+        handle.durable.set_result(
+            SnapshotInfo(
+                m.step, m.created_at, m.nbytes, True, tiers, f"{where.uri}/{step_dir(m.step)}", m.world_size, m.metrics
+            )
+        )
 
     def _fail(self, handle: SnapshotHandle, what: str, e: BaseException) -> None:
         handle.advance(SnapshotState.FAILED)
@@ -554,8 +610,9 @@ def _connect_daemon(store: str, ranks, local: str):
     if not os.environ.get("CKPTD_SOCKET") and not os.path.exists(path):
         return None
     devices = (torch.cuda.current_device(),) if torch.cuda.is_available() and torch.cuda.is_initialized() else ()
-    link = DaemonLink.connect(path, rank=ranks.rank, devices=devices, store=store, local=local, job=ranks.job,
-                              world_size=ranks.world_size)
+    link = DaemonLink.connect(
+        path, rank=ranks.rank, devices=devices, store=store, local=local, job=ranks.job, world_size=ranks.world_size
+    )
     if link is not None and threading.current_thread() is threading.main_thread():
         import faulthandler
         import signal

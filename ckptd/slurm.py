@@ -61,8 +61,10 @@ def requeue_after_preemption(job_id: str) -> bool:
         log.info("ckptd run: Slurm job %s is %s; its requeue is Slurm's", job_id, state or "unknown")
         return False
     if fields.get("Requeue") == "0":
-        log.warning("ckptd run: Slurm job %s may not be requeued; submit it with `sbatch --requeue` to resume it "
-                    "automatically", job_id)
+        log.warning(
+            "ckptd run: Slurm job %s may not be requeued; submit it with `sbatch --requeue` to resume it automatically",
+            job_id,
+        )
         return False
     _scontrol("requeue", job_id)
     return True

@@ -19,8 +19,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from .errors import ConfigError
 from .persist.lease import env_job_id
@@ -203,11 +203,18 @@ class Supervisor:
             log.warning("ckptd run: job ended: %s", restarts[-1].cause)
             if len(restarts) > self.config.max_restarts:
                 restarts.pop()
-                return self._finish(f"exhausted after {self.config.max_restarts} restarts ({describe_exit(code)})",
-                                    code if code > 0 else 128 - code if code < 0 else EXIT_EXHAUSTED, restarts)
+                return self._finish(
+                    f"exhausted after {self.config.max_restarts} restarts ({describe_exit(code)})",
+                    code if code > 0 else 128 - code if code < 0 else EXIT_EXHAUSTED,
+                    restarts,
+                )
             delay = min(self.config.backoff * 2 ** (len(restarts) - 1), self.config.backoff_max)
-            log.warning("ckptd run: relaunching in %.1f s (restart %d of at most %d)",
-                        delay, len(restarts), self.config.max_restarts)
+            log.warning(
+                "ckptd run: relaunching in %.1f s (restart %d of at most %d)",
+                delay,
+                len(restarts),
+                self.config.max_restarts,
+            )
             if self._sleep(delay):
                 return self._finish("preempted", EXIT_PREEMPTED, restarts)
 
@@ -217,12 +224,25 @@ class Supervisor:
             log.info("ckptd run: using the daemon at %s", self.socket)
             return
         log_file = self.socket + ".log"
-        cmd = [sys.executable, "-m", "ckptd.cli", "daemon", "--socket", self.socket, "--store", self.config.store,
-               "--grace", str(self.config.grace), "--log", log_file]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ckptd.cli",
+            "daemon",
+            "--socket",
+            self.socket,
+            "--store",
+            self.config.store,
+            "--grace",
+            str(self.config.grace),
+            "--log",
+            log_file,
+        ]
         # Its own file, so its log (and boto's) never mixes into the job's output; `ckptd status` names it.
         with open(log_file, "a") as out:
-            self._daemon = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self._daemon = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         log.info("ckptd run: the node daemon logs to %s", log_file)
         deadline = time.monotonic() + 15
         while not os.path.exists(self.socket):
@@ -359,7 +379,13 @@ def _split(r: Restart, before: Attempt, after: Attempt) -> None:
     if after.started is not None and after.restored_at is not None:
         r.restore_s = after.restored_at - after.started
     target = before.last_step
-    caught = next((e["t"] for e in after.events if e.get("kind") == "step"
-                   and target is not None and e.get("step", -1) >= target), None)
+    caught = next(
+        (
+            e["t"]
+            for e in after.events
+            if e.get("kind") == "step" and target is not None and e.get("step", -1) >= target
+        ),
+        None,
+    )
     if caught is not None and after.restored_at is not None:
         r.catch_up_s = max(0.0, caught - after.restored_at)

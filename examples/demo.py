@@ -23,8 +23,22 @@ TRAIN = os.path.join(HERE, "train.py")
 
 
 def trainer(store: str, out: str, losses: str, steps: int) -> list[str]:
-    return [sys.executable, TRAIN, "--store", store, "--steps", str(steps), "--policy", "every:10",
-            "--step-sleep", "0.05", "--loss-log", losses, "--out", out]
+    return [
+        sys.executable,
+        TRAIN,
+        "--store",
+        store,
+        "--steps",
+        str(steps),
+        "--policy",
+        "every:10",
+        "--step-sleep",
+        "0.05",
+        "--loss-log",
+        losses,
+        "--out",
+        out,
+    ]
 
 
 def leaves(obj, prefix=""):
@@ -41,7 +55,8 @@ def equal(a: str, b: str) -> bool:
     y = sorted(leaves(torch.load(b, weights_only=True)), key=lambda kv: kv[0])
     return len(x) == len(y) and all(
         ka == kb and (torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb)
-        for (ka, va), (kb, vb) in zip(x, y))
+        for (ka, va), (kb, vb) in zip(x, y)
+    )
 
 
 def _losses_so_far(path: str) -> list[int]:
@@ -78,8 +93,9 @@ def main() -> int:
     snaps = sorted(int(d[5:]) for d in os.listdir(run) if os.path.exists(os.path.join(run, d, "ckptd.json")))
     print(f"    killed after step {done}; newest committed snapshot: step {snaps[-1] if snaps else 'none'}")
     print("3/3 resuming the killed run from its snapshot ...", flush=True)
-    res = subprocess.run(trainer(run, run + ".pt", run + ".loss", a.steps), check=True,
-                         stderr=subprocess.PIPE, text=True)
+    res = subprocess.run(
+        trainer(run, run + ".pt", run + ".loss", a.steps), check=True, stderr=subprocess.PIPE, text=True
+    )
     print("    " + next(line for line in res.stderr.splitlines() if line.startswith("starting at step")))
     same_state = equal(ref + ".pt", run + ".pt")
     same_losses = losses_of(ref + ".loss") == losses_of(run + ".loss")

@@ -92,8 +92,12 @@ def main(argv=None) -> int:
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds of extra 'compute' per step")
     p.add_argument("--loss-log", default=None)
     p.add_argument("--out", default=None)
-    p.add_argument("--crash-at", type=int, default=None,
-                   help="crash once after this step, its snapshots durable (tests, benchmarks)")
+    p.add_argument(
+        "--crash-at",
+        type=int,
+        default=None,
+        help="crash once after this step, its snapshots durable (tests, benchmarks)",
+    )
     p.add_argument("--crash-with", choices=["exit", "sigkill"], default="exit")
     p.add_argument("--crash-marker", default=None, help="file that records the crash happened")
     p.add_argument("--verbose", action="store_true")
@@ -104,12 +108,21 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     model, opt, sched, loader, sampler = build(args.width, args.depth)
-    ckpt = ckptd.Checkpointer(args.store, model=model, optimizer=opt, scheduler=sched,
-                              extra={"sampler": sampler}, keep_last=3,
-                              policy=None if args.policy == "adaptive" else args.policy)
+    ckpt = ckptd.Checkpointer(
+        args.store,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        extra={"sampler": sampler},
+        keep_last=3,
+        policy=None if args.policy == "adaptive" else args.policy,
+    )
     start = ckpt.restore()
-    print(f"starting at step {start} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})",
-          file=sys.stderr, flush=True)
+    print(
+        f"starting at step {start} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})",
+        file=sys.stderr,
+        flush=True,
+    )
     log = open(args.loss_log, "a") if args.loss_log else None
     state = {"loader": loader, "it": iter(loader)}
     for step in range(start, args.steps):

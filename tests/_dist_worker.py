@@ -45,8 +45,15 @@ def main() -> int:
     else:
         start = ckpt.restore()
         ckpt.close()
-    torch.save({"start": start, "model": model.module.state_dict(), "optimizer": opt.state_dict(),
-                "rng": torch.get_rng_state()}, a.out)
+    torch.save(
+        {
+            "start": start,
+            "model": model.module.state_dict(),
+            "optimizer": opt.state_dict(),
+            "rng": torch.get_rng_state(),
+        },
+        a.out,
+    )
     dist.destroy_process_group()
     return 0
 

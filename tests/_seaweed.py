@@ -21,10 +21,28 @@ ACCESS_KEY = "ckptd-test-access"
 SECRET_KEY = "ckptd-test-secret-0123456789abcdef"
 REGION = "us-east-1"
 
-_PORTS = ["s3.port", "s3.port.grpc", "s3.port.https", "s3.port.iceberg", "s3.port.lance", "s3.metricsPort",
-          "s3.debug.port", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-          "volume.port.public", "filer.port", "filer.port.grpc", "filer.port.public", "admin.port",
-          "admin.port.grpc", "webdav.port", "metricsPort", "debug.port"]
+_PORTS = [
+    "s3.port",
+    "s3.port.grpc",
+    "s3.port.https",
+    "s3.port.iceberg",
+    "s3.port.lance",
+    "s3.metricsPort",
+    "s3.debug.port",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "volume.port.public",
+    "filer.port",
+    "filer.port.grpc",
+    "filer.port.public",
+    "admin.port",
+    "admin.port.grpc",
+    "webdav.port",
+    "metricsPort",
+    "debug.port",
+]
 
 
 def _free_base(span: int) -> int:
@@ -65,12 +83,26 @@ class SeaweedServer:
         data, logs = os.path.join(self.root, "data"), os.path.join(self.root, "logs")
         os.makedirs(data, exist_ok=True)
         os.makedirs(logs, exist_ok=True)
-        args = [self._weed, f"-logdir={logs}", "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-s3.autoCreateBucket=false", "-admin.ui=false", "-webdav=false",
-                f"-filer.localSocket={self.root}/filer.sock", f"-s3.localSocket={self.root}/s3.sock"]
+        args = [
+            self._weed,
+            f"-logdir={logs}",
+            "mini",
+            f"-dir={data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-s3.autoCreateBucket=false",
+            "-admin.ui=false",
+            "-webdav=false",
+            f"-filer.localSocket={self.root}/filer.sock",
+            f"-s3.localSocket={self.root}/s3.sock",
+        ]
         args += [f"-{name}={port}" for name, port in self.ports.items()]
-        env = {**os.environ, "GOMEMLIMIT": "512MiB", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-               "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        env = {
+            **os.environ,
+            "GOMEMLIMIT": "512MiB",
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        }
         out = open(os.path.join(logs, "stdout.log"), "ab")
         self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         out.close()
@@ -115,16 +147,26 @@ class SeaweedServer:
 
     def env(self) -> dict[str, str]:
         """What a boto3 client (or a subprocess using ckptd) needs to reach this server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_DEFAULT_REGION": REGION, "AWS_REGION": REGION}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_REGION": REGION,
+        }
 
     def client(self):
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY,
-                            aws_secret_access_key=SECRET_KEY, region_name=REGION,
-                            config=Config(s3={"addressing_style": "path"}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+            config=Config(s3={"addressing_style": "path"}),
+        )
 
     def make_bucket(self, name: str | None = None) -> str:
         name = name or f"t-{uuid.uuid4().hex[:12]}"

@@ -28,8 +28,10 @@ def why_not() -> str | None:
     """Why a test Slurm cannot start here, in words; None when it can."""
     missing = [p for p in PROGRAMS if _which(p) is None]
     if missing:
-        return (f"Slurm is not installed ({', '.join(missing)} not found); scripts/install.sh installs it with "
-                "`apt-get install -y slurm-wlm munge`")
+        return (
+            f"Slurm is not installed ({', '.join(missing)} not found); scripts/install.sh installs it with "
+            "`apt-get install -y slurm-wlm munge`"
+        )
     if os.geteuid() != 0:
         return "a test Slurm needs root (slurmd starts each job as its owner); run the tests as root"
     return None
@@ -53,7 +55,7 @@ class SlurmCluster:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def start(self, timeout: float = 60.0) -> "SlurmCluster":
+    def start(self, timeout: float = 60.0) -> SlurmCluster:
         try:
             self._start_munge(timeout)
             self._write_conf()
@@ -73,9 +75,19 @@ class SlurmCluster:
         with open(key, "wb") as f:
             f.write(os.urandom(1024))
         os.chmod(key, 0o400)
-        self._spawn("munged", [_which("munged"), "-F", "-f", f"--socket={self.munge_socket}", f"--key-file={key}",
-                               f"--pid-file={mdir}/munged.pid", f"--log-file={mdir}/munged.log",
-                               f"--seed-file={mdir}/munged.seed"])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "-F",
+                "-f",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={mdir}/munged.pid",
+                f"--log-file={mdir}/munged.log",
+                f"--seed-file={mdir}/munged.seed",
+            ],
+        )
         self._wait(lambda: os.path.exists(self.munge_socket), timeout, "munged's socket")
 
     def _write_conf(self) -> None:
@@ -83,18 +95,36 @@ class SlurmCluster:
         for sub in ("state", "spool"):
             os.makedirs(os.path.join(d, sub), exist_ok=True)
         lines = [
-            "ClusterName=ckptdtest", f"SlurmctldHost={self.node}", "SlurmUser=root", "SlurmdUser=root",
-            "AuthType=auth/munge", f"AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE}",
-            "CredType=cred/munge", f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
-            f"StateSaveLocation={d}/state", f"SlurmdSpoolDir={d}/spool",
-            f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
-            f"SlurmctldLogFile={d}/slurmctld.log", f"SlurmdLogFile={d}/slurmd.log",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "SelectType=select/cons_tres", "SelectTypeParameters=CR_CPU", "JobRequeue=1", "ReturnToService=2",
-            "MpiDefault=none", "KillWait=30", "SchedulerType=sched/builtin",
+            "ClusterName=ckptdtest",
+            f"SlurmctldHost={self.node}",
+            "SlurmUser=root",
+            "SlurmdUser=root",
+            "AuthType=auth/munge",
+            f"AuthInfo=socket={self.munge_socket},cred_expire={CRED_EXPIRE}",
+            "CredType=cred/munge",
+            f"SlurmctldPort={_free_port()}",
+            f"SlurmdPort={_free_port()}",
+            f"StateSaveLocation={d}/state",
+            f"SlurmdSpoolDir={d}/spool",
+            f"SlurmctldPidFile={d}/slurmctld.pid",
+            f"SlurmdPidFile={d}/slurmd.pid",
+            f"SlurmctldLogFile={d}/slurmctld.log",
+            f"SlurmdLogFile={d}/slurmd.log",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_CPU",
+            "JobRequeue=1",
+            "ReturnToService=2",
+            "MpiDefault=none",
+            "KillWait=30",
+            "SchedulerType=sched/builtin",
             "SchedulerParameters=sched_interval=2",  # a requeued job is looked at 2 s after its BeginTime, not 60 "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
-            "SlurmctldDebug=info", "SlurmdDebug=info", "MinJobAge=600",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/none",
+            "SlurmctldDebug=info",
+            "SlurmdDebug=info",
+            "MinJobAge=600",
             f"NodeName={self.node} CPUs=2 RealMemory=20000 State=UNKNOWN",
             f"PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
         ]
@@ -103,8 +133,9 @@ class SlurmCluster:
 
     def _spawn(self, name: str, cmd: list) -> None:
         out = open(os.path.join(self.dir, f"{name}.out"), "w")
-        self._procs[name] = subprocess.Popen(cmd, env=self.env(), stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT)
+        self._procs[name] = subprocess.Popen(
+            cmd, env=self.env(), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
+        )
         out.close()
 
     def _wait(self, ready, timeout: float, what: str) -> None:
@@ -154,8 +185,9 @@ class SlurmCluster:
     def env(self, **extra: str) -> dict[str, str]:
         return {**os.environ, "SLURM_CONF": self.conf, **extra}
 
-    def run(self, *cmd: str, check: bool = False, env: dict | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(
+        self, *cmd: str, check: bool = False, env: dict | None = None, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         res = subprocess.run(list(cmd), capture_output=True, text=True, env=env or self.env(), timeout=timeout)
         if check and res.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed ({res.returncode}): {res.stderr.strip()}")

@@ -24,14 +24,22 @@ class Run:
     killed_after: str | None = None
 
 
-def run_trainer(store: str, *args: str, kill_on: str | None = None, kill_delay: float = 0.0,
-                sig: int = signal.SIGKILL, timeout: float = 180.0, env: dict | None = None,
-                on_match=None) -> Run:
+def run_trainer(
+    store: str,
+    *args: str,
+    kill_on: str | None = None,
+    kill_delay: float = 0.0,
+    sig: int = signal.SIGKILL,
+    timeout: float = 180.0,
+    env: dict | None = None,
+    on_match=None,
+) -> Run:
     """Run the trainer; send ``sig`` ``kill_delay`` s after a stderr line matches ``kill_on``
     (or call ``on_match()`` instead, to break something else at that moment)."""
     cmd = [sys.executable, TRAIN, "--store", store, "--verbose", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-                            env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})}
+    )
     run = Run(returncode=0)
     timed_out = threading.Event()
     timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
@@ -72,13 +80,15 @@ def assert_same_state(a_path: str, b_path: str) -> None:
     assert_tree_equal(a, b)
 
 
-def run_script(script: str, *args: str, kill_on: str | None = None, timeout: float = 120.0,
-               env: dict | None = None) -> tuple[int, list[str]]:
+def run_script(
+    script: str, *args: str, kill_on: str | None = None, timeout: float = 120.0, env: dict | None = None
+) -> tuple[int, list[str]]:
     """``python script *args`` as a real subprocess, ckptd importable; SIGKILL as soon as a stderr line
     matches ``kill_on``. Its exit code and stderr lines."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
-    proc = subprocess.Popen([sys.executable, script, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, script, *args], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+    )
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     lines, pattern = [], re.compile(kill_on) if kill_on else None

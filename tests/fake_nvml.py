@@ -111,10 +111,28 @@ def nvmlInit() -> None:
     tl = _timeline()
     if tl.get("missing"):
         raise NVMLError_LibraryNotFound()
-    _state.update(t0=time.monotonic(), tl=tl, applied=0, xids=[], cued=set(),
-                  gpus=[{"ecc_uncorrected": 0, "ecc_corrected": 0, "remap_pending": 0, "remap_failed": 0,
-                         "retired_pending": 0, "clock_reasons": 0, "temperature": 50, "pcie_replays": 0,
-                         "lost": False, "processes": []} for _ in range(tl.get("gpus", 1))])
+    _state.update(
+        t0=time.monotonic(),
+        tl=tl,
+        applied=0,
+        xids=[],
+        cued=set(),
+        gpus=[
+            {
+                "ecc_uncorrected": 0,
+                "ecc_corrected": 0,
+                "remap_pending": 0,
+                "remap_failed": 0,
+                "retired_pending": 0,
+                "clock_reasons": 0,
+                "temperature": 50,
+                "pcie_replays": 0,
+                "lost": False,
+                "processes": [],
+            }
+            for _ in range(tl.get("gpus", 1))
+        ],
+    )
 
 
 def _advance() -> None:

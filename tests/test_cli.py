@@ -11,14 +11,14 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
+from test_snapshot import make, run
 
 import ckptd
 from ckptd.cli import main
-from ckptd.store import open_store
-from ckptd.store.file import FileStore
 from ckptd.persist.transfer import upload_snapshot
 from ckptd.restore.find import read_manifest
-from test_snapshot import make, run
+from ckptd.store import open_store
+from ckptd.store.file import FileStore
 
 
 def cli(*args: str, code: int = 0) -> str:
@@ -28,8 +28,13 @@ def cli(*args: str, code: int = 0) -> str:
 
 
 def sub(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ckptd.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ckptd.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 @pytest.fixture
@@ -47,23 +52,31 @@ def test_ls_and_inspect_json(local):
     info = json.loads(cli("inspect", store, "--json"))
     assert info["step"] == 5 and info["nbytes"] > 0 and "torch" in info["rng"]
     names = {t["name"]: t for t in info["tensors"]}
-    assert names["model.0.weight"] == {"name": "model.0.weight", "group": "model", "shape": [64, 8],
-                                       "dtype": "float32", "nbytes": 2048}
+    assert names["model.0.weight"] == {
+        "name": "model.0.weight",
+        "group": "model",
+        "shape": [64, 8],
+        "dtype": "float32",
+        "nbytes": 2048,
+    }
     assert "model: " in cli("inspect", store, "--step", "3")
 
 
 def test_ls_and_inspect_never_import_torch_and_answer_fast(local):
     store, _ = local
-    code = ("import sys, time; t=time.perf_counter(); from ckptd.cli import main; "
-            "sys.argv=['ckptd', '{cmd}', {store!r}, '--json']\n"
-            "try:\n  main()\nexcept SystemExit: pass\n"
-            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', time.perf_counter()-t, file=sys.stderr)")
+    code = (
+        "import sys, time; t=time.perf_counter(); from ckptd.cli import main; "
+        "sys.argv=['ckptd', '{cmd}', {store!r}, '--json']\n"
+        "try:\n  main()\nexcept SystemExit: pass\n"
+        "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', time.perf_counter()-t, file=sys.stderr)"
+    )
     for cmd in ("ls", "inspect"):
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            out = subprocess.run([sys.executable, "-c", code.format(cmd=cmd, store=store)], capture_output=True,
-                                 text=True, timeout=60)
+            out = subprocess.run(
+                [sys.executable, "-c", code.format(cmd=cmd, store=store)], capture_output=True, text=True, timeout=60
+            )
             times.append(time.perf_counter() - t0)
             assert "NOTORCH" in out.stderr, out.stderr
         assert sorted(times)[1] < 1.5, f"ckptd {cmd}: {times}"
@@ -98,6 +111,7 @@ def test_export_torch_loads_weights_only_into_a_fresh_model(local, tmp_path):
     st = tmp_path / "model.safetensors"
     cli("export", store, "--format", "safetensors", "-o", str(st), "--only", "model")
     from safetensors.torch import load_file
+
     assert torch.equal(load_file(str(st))["0.weight"], model[0].weight.detach())
 
 
@@ -111,6 +125,7 @@ def test_restore_gc_diff_plot(local, tmp_path):
     dest = tmp_path / "copy"
     assert "restored step 3" in cli("restore", store, "--step", "3", "--to", str(dest))
     import torch.distributed.checkpoint as dcp
+
     fresh, *_ = make(seed=3)
     sd = {"model": fresh.state_dict()}
     dcp.load(sd, checkpoint_id=str(dest / "step-000000000003"))
@@ -124,6 +139,7 @@ def test_restore_gc_diff_plot(local, tmp_path):
     assert "2 snapshots" in cli("plot", store, "-o", str(png))
     assert png.read_bytes()[:4] == b"\x89PNG"
     from ckptd.tools.timeline import points
+
     paths = {r["io"] for r in points(FileStore(store))}
     assert len(paths) == 1 and paths <= {"o_direct", "buffered"}, "the timeline knows each write's path"
     said = {"o_direct": "written: O_DIRECT from the file image", "buffered": "written: buffered"}[paths.pop()]
@@ -131,18 +147,22 @@ def test_restore_gc_diff_plot(local, tmp_path):
 
 
 def test_user_errors_are_one_line_with_a_non_zero_exit(tmp_path):
-    for args, needle in ((["ls", "gs://bucket/x"], "unknown scheme"),
-                         (["inspect", str(tmp_path / "nothing")], "does not exist"),
-                         (["inspect", str(tmp_path), "--step", "4"], "no committed snapshot of step 4")):
+    for args, needle in (
+        (["ls", "gs://bucket/x"], "unknown scheme"),
+        (["inspect", str(tmp_path / "nothing")], "does not exist"),
+        (["inspect", str(tmp_path), "--step", "4"], "no committed snapshot of step 4"),
+    ):
         res = sub(*args)
         assert res.returncode != 0 and needle in res.stderr, res.stderr
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_errors_users_cause_exit_2_in_one_line_and_debug_shows_the_traceback(tmp_path):
-    for args in (["run", "--store", str(tmp_path), "--bogus", "--", "x"],
-                 ["run", "--store", str(tmp_path), "--", "no-such-program-here"],
-                 ["policy", "--per-gpu-hour", "0", "--job-rate", "0"]):
+    for args in (
+        ["run", "--store", str(tmp_path), "--bogus", "--", "x"],
+        ["run", "--store", str(tmp_path), "--", "no-such-program-here"],
+        ["policy", "--per-gpu-hour", "0", "--job-rate", "0"],
+    ):
         res = sub(*args)
         assert res.returncode == 2, res.stderr
         assert "Traceback" not in res.stderr and "Error:" in res.stderr
@@ -154,6 +174,7 @@ def test_errors_users_cause_exit_2_in_one_line_and_debug_shows_the_traceback(tmp
 
 def test_torchsnapshot_is_inspected_exported_and_converted(tmp_path):
     import torchsnapshot
+
     model, opt, _, _ = make(seed=5)
     model(torch.randn(4, 8)).sum().backward()
     opt.step()

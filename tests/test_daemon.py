@@ -12,13 +12,13 @@ import tempfile
 import time
 
 import pytest
+from _trainer import run_trainer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptd
 from ckptd.daemon.client import status_of
 from ckptd.daemon.protocol import MAX_FRAME, Status, encode
-from _trainer import run_trainer
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -26,16 +26,27 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 class DaemonProc:
     """`ckptd daemon` in a subprocess with a fake NVML timeline."""
 
-    def __init__(self, timeline: dict | None = None, *, store: str | None = None, extra_env: dict | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        timeline: dict | None = None,
+        *,
+        store: str | None = None,
+        extra_env: dict | None = None,
+        args: tuple[str, ...] = (),
+    ) -> None:
         self.dir = tempfile.mkdtemp(prefix="ckd-", dir="/tmp")
         self.socket = os.path.join(self.dir, "d.sock")
         tl = os.path.join(self.dir, "timeline.json")
         with open(tl, "w") as f:
             json.dump(timeline or {"gpus": 2, "events": []}, f)
-        self.env = {**os.environ, "CKPTD_NVML_MODULE": "fake_nvml", "FAKE_NVML_TIMELINE": tl,
-                    "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""), "CKPTD_SOCKET": self.socket,
-                    **(extra_env or {})}
+        self.env = {
+            **os.environ,
+            "CKPTD_NVML_MODULE": "fake_nvml",
+            "FAKE_NVML_TIMELINE": tl,
+            "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "CKPTD_SOCKET": self.socket,
+            **(extra_env or {}),
+        }
         cmd = [sys.executable, "-m", "ckptd.cli", "daemon", "--socket", self.socket, "--poll", "0.2", *args]
         if store:
             cmd += ["--store", store]
@@ -89,6 +100,7 @@ def test_daemon_starts_fast_stays_small_and_never_loads_torch(daemon_factory):
         maps = f.read()
     assert "libtorch" not in maps and "torch/lib" not in maps
     import psutil
+
     p = psutil.Process(d.proc.pid)
     rss = p.memory_info().rss
     cpu0 = sum(p.cpu_times()[:2])
@@ -103,34 +115,42 @@ def test_daemon_starts_fast_stays_small_and_never_loads_torch(daemon_factory):
 def test_socket_is_0600_and_refuses_another_uid(daemon_factory):
     d = daemon_factory()
     assert os.stat(d.socket).st_mode & 0o777 == 0o600
-    code = ("import os, socket, sys\n"
-            "os.setgid(65534); os.setuid(65534)\n"
-            "s = socket.socket(socket.AF_UNIX)\n"
-            "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print('refused', e.errno); sys.exit(0)\n"
-            "print('connected'); sys.exit(1)")
+    code = (
+        "import os, socket, sys\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept OSError as e:\n    print('refused', e.errno); sys.exit(0)\n"
+        "print('connected'); sys.exit(1)"
+    )
     out = subprocess.run([sys.executable, "-c", code, d.socket], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "refused" in out.stdout, out.stdout + out.stderr
     os.chmod(d.socket, 0o666)  # even with the file mode opened, the peer uid check refuses
     os.chmod(os.path.dirname(d.socket), 0o755)
-    code2 = ("import os, socket, sys\n"
-             "frame = bytes.fromhex(sys.argv[2])\n"
-             "os.setgid(65534); os.setuid(65534)\n"
-             "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(frame)\n"
-             "print(s.recv(65536))")
-    out = subprocess.run([sys.executable, "-c", code2, d.socket, encode(Status()).hex()], capture_output=True,
-                         text=True, timeout=30)
+    code2 = (
+        "import os, socket, sys\n"
+        "frame = bytes.fromhex(sys.argv[2])\n"
+        "os.setgid(65534); os.setuid(65534)\n"
+        "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(frame)\n"
+        "print(s.recv(65536))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code2, d.socket, encode(Status()).hex()], capture_output=True, text=True, timeout=30
+    )
     assert "may not talk to this daemon" in out.stdout, out.stdout + out.stderr
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(frame=st.one_of(
-    st.binary(max_size=300).map(lambda b: len(b).to_bytes(4, "big") + b),
-    st.binary(max_size=40),
-    st.integers(MAX_FRAME + 1, 2**32 - 1).map(lambda n: n.to_bytes(4, "big")),
-    st.dictionaries(st.sampled_from(["v", "type", "pid", "step", "devices", "path", "store", "step_time"]),
-                    st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=8), st.lists(st.integers(-1, 3))),
-                    ).map(lambda d: (lambda b: len(b).to_bytes(4, "big") + b)(json.dumps(d).encode())),
-))
+@given(
+    frame=st.one_of(
+        st.binary(max_size=300).map(lambda b: len(b).to_bytes(4, "big") + b),
+        st.binary(max_size=40),
+        st.integers(MAX_FRAME + 1, 2**32 - 1).map(lambda n: n.to_bytes(4, "big")),
+        st.dictionaries(
+            st.sampled_from(["v", "type", "pid", "step", "devices", "path", "store", "step_time"]),
+            st.one_of(st.none(), st.integers(-5, 5), st.text(max_size=8), st.lists(st.integers(-1, 3))),
+        ).map(lambda d: (lambda b: len(b).to_bytes(4, "big") + b)(json.dumps(d).encode())),
+    )
+)
 def test_fuzzed_frames_never_crash_the_daemon(fuzz_daemon, frame):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(5)
@@ -158,8 +178,9 @@ def fuzz_daemon():
 def test_fatal_xid_stops_the_job_after_an_emergency_snapshot(daemon_factory, tmp_path):
     d = daemon_factory({"gpus": 2, "events": [{"t": 6.0, "gpu": 1, "xid": 79}]}, args=("--grace", "20"))
     store = str(tmp_path / "store")
-    run = run_trainer(store, "--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02",
-                      env=trainer_env(d), timeout=90)
+    run = run_trainer(
+        store, "--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02", env=trainer_env(d), timeout=90
+    )
     assert run.returncode == 75, "\n".join(run.lines[-15:]) + d.output()
     assert d.state()["bad_gpus"] == {"1": "XID 79 (reset or reboot required)"}
     infos = ckptd.list_snapshots(store)
@@ -170,8 +191,19 @@ def test_fatal_xid_stops_the_job_after_an_emergency_snapshot(daemon_factory, tmp
 def test_degraded_gpu_raises_risk_and_snapshots_sooner(daemon_factory, tmp_path):
     d = daemon_factory({"gpus": 1, "events": [{"t": 8.0, "gpu": 0, "set": {"ecc_corrected": 5000}}]})
     store = str(tmp_path / "store")
-    run = run_trainer(store, "--steps", "100000", "--policy", "adaptive", "--step-sleep", "0.02",
-                      env=trainer_env(d), kill_on=r"snapshot requested: GPU 0 degraded", kill_delay=3.0, timeout=60)
+    run = run_trainer(
+        store,
+        "--steps",
+        "100000",
+        "--policy",
+        "adaptive",
+        "--step-sleep",
+        "0.02",
+        env=trainer_env(d),
+        kill_on=r"snapshot requested: GPU 0 degraded",
+        kill_delay=3.0,
+        timeout=60,
+    )
     assert run.killed_after is not None, "\n".join(run.lines[-10:]) + d.output()
     requested = next(i for i, line in enumerate(run.lines) if "snapshot requested" in line)
     before = [line for line in run.lines[:requested] if line.endswith(": committed")]
@@ -184,8 +216,19 @@ def test_degraded_gpu_raises_risk_and_snapshots_sooner(daemon_factory, tmp_path)
 
 def test_hang_dumps_stacks_and_stops_the_job(daemon_factory, tmp_path):
     d = daemon_factory(args=("--hang-floor", "2", "--hang-factor", "5", "--grace", "3"))
-    run = run_trainer(str(tmp_path / "store"), "--steps", "1000", "--policy", "every:1000", "--step-sleep", "0.02",
-                      "--hang-at", "30", env=trainer_env(d), timeout=60)
+    run = run_trainer(
+        str(tmp_path / "store"),
+        "--steps",
+        "1000",
+        "--policy",
+        "every:1000",
+        "--step-sleep",
+        "0.02",
+        "--hang-at",
+        "30",
+        env=trainer_env(d),
+        timeout=60,
+    )
     assert run.returncode == -signal.SIGKILL, "\n".join(run.lines[-10:])
     text = "\n".join(run.lines)
     assert "most recent call first" in text and "train.py" in text, "faulthandler must dump the stacks"
@@ -197,8 +240,20 @@ def test_snapshot_reaches_s3_although_the_trainer_dies_right_after_commit(daemon
     uri = f"s3://{bucket}/run"
     d = daemon_factory(extra_env=s3env.env())
     env = {**s3env.env(), **trainer_env(d), "CKPTD_LOCAL": str(tmp_path / "tier")}
-    run = run_trainer(uri, "--steps", "100000", "--policy", "every:10", "--width", "512", "--step-sleep", "0.01",
-                      env=env, kill_on=r"step 19: committed", timeout=60)
+    run = run_trainer(
+        uri,
+        "--steps",
+        "100000",
+        "--policy",
+        "every:10",
+        "--width",
+        "512",
+        "--step-sleep",
+        "0.01",
+        env=env,
+        kill_on=r"step 19: committed",
+        timeout=60,
+    )
     assert run.returncode == -signal.SIGKILL
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -213,8 +268,11 @@ def test_snapshot_reaches_s3_although_the_trainer_dies_right_after_commit(daemon
 
 def test_bad_credentials_fail_in_one_line_without_the_secret(s3env, tmp_path):
     bucket = s3env.make_bucket()
-    env = {**s3env.env(), "AWS_SECRET_ACCESS_KEY": "fake-secret-must-not-leak",
-           "AWS_SESSION_TOKEN": "fake-token-must-not-leak"}
+    env = {
+        **s3env.env(),
+        "AWS_SECRET_ACCESS_KEY": "fake-secret-must-not-leak",
+        "AWS_SESSION_TOKEN": "fake-token-must-not-leak",
+    }
     run = run_trainer(f"s3://{bucket}/run", "--steps", "5", env=env, timeout=60)
     assert run.returncode != 0
     text = "\n".join(run.lines)
@@ -227,14 +285,44 @@ def test_relaunch_leaves_out_the_gpu_the_daemon_marked_bad(tmp_path):
     timeline = os.path.join(sock_dir, "timeline.json")
     with open(timeline, "w") as f:
         json.dump({"gpus": 2, "events": [{"t": 7.0, "gpu": 1, "xid": 79}]}, f)
-    env = {**os.environ, "CKPTD_NVML_MODULE": "fake_nvml", "FAKE_NVML_TIMELINE": timeline,
-           "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "CKPTD_SOCKET": os.path.join(sock_dir, "d.sock")}
+    env = {
+        **os.environ,
+        "CKPTD_NVML_MODULE": "fake_nvml",
+        "FAKE_NVML_TIMELINE": timeline,
+        "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "CKPTD_SOCKET": os.path.join(sock_dir, "d.sock"),
+    }
     from _trainer import TRAIN
-    res = subprocess.run([sys.executable, "-m", "ckptd.cli", "run", "--store", str(tmp_path / "s"), "--gpus", "0,1",
-                          "--backoff", "0.1", "--grace", "20", "--", sys.executable, TRAIN, "--steps", "400",
-                          "--policy", "every:50", "--step-sleep", "0.03"],
-                         capture_output=True, text=True, env=env, timeout=240)
+
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ckptd.cli",
+            "run",
+            "--store",
+            str(tmp_path / "s"),
+            "--gpus",
+            "0,1",
+            "--backoff",
+            "0.1",
+            "--grace",
+            "20",
+            "--",
+            sys.executable,
+            TRAIN,
+            "--steps",
+            "400",
+            "--policy",
+            "every:50",
+            "--step-sleep",
+            "0.03",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     starts = [line for line in res.stderr.splitlines() if line.startswith("starting at step")]
     assert len(starts) == 2, res.stderr[-3000:]
@@ -269,9 +357,21 @@ def test_daemon_killed_mid_upload_the_trainer_takes_over(daemon_factory, s3env, 
     uri = f"s3://{bucket}/run"
     d = daemon_factory(extra_env=s3env.env())
     env = {**s3env.env(), **trainer_env(d), "CKPTD_LOCAL": str(tmp_path / "tier")}
-    run = run_trainer(uri, "--steps", "60", "--policy", "every:10", "--width", "512", "--step-sleep", "0.02",
-                      env=env, kill_on=phase, on_match=lambda: os.kill(d.proc.pid, signal.SIGKILL),
-                      timeout=120)
+    run = run_trainer(
+        uri,
+        "--steps",
+        "60",
+        "--policy",
+        "every:10",
+        "--width",
+        "512",
+        "--step-sleep",
+        "0.02",
+        env=env,
+        kill_on=phase,
+        on_match=lambda: os.kill(d.proc.pid, signal.SIGKILL),
+        timeout=120,
+    )
     assert run.killed_after is not None and d.proc.wait(timeout=10) == -signal.SIGKILL
     # close() returned without error, so every snapshot became durable, those the daemon had included.
     assert run.returncode == 0, "\n".join(run.lines[-20:])
@@ -280,7 +380,8 @@ def test_daemon_killed_mid_upload_the_trainer_takes_over(daemon_factory, s3env, 
 
 
 def test_deleted_file_is_detected_and_the_previous_snapshot_used(tmp_path):
-    from test_snapshot import make, run, ckpt_for
+    from test_snapshot import ckpt_for, make, run
+
     run(tmp_path, 6)
     os.unlink(tmp_path / "step-000000000005" / "__0_0.distcp")
     model, opt, sched, counter = make(seed=3)
@@ -292,7 +393,7 @@ def test_deleted_file_is_detected_and_the_previous_snapshot_used(tmp_path):
 def test_faults_the_daemon_stopped_a_job_for_reach_its_next_launch_policy(tmp_path, monkeypatch):
     import threading
 
-    from ckptd.daemon.protocol import Heartbeat, Register
+    from ckptd.daemon.protocol import Register
     from ckptd.daemon.service import Daemon, DaemonConfig
 
     monkeypatch.setenv("CKPTD_NVML_MODULE", "fake_nvml")
@@ -333,8 +434,13 @@ def test_faults_the_daemon_stopped_a_job_for_reach_its_next_launch_policy(tmp_pa
 def test_status_names_the_daemon_log_file(daemon_factory, tmp_path):
     log = str(tmp_path / "daemon.log")
     d = daemon_factory(args=("--log", log))
-    out = subprocess.run([sys.executable, "-m", "ckptd.cli", "status", "--socket", d.socket], capture_output=True,
-                         text=True, env=d.env, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ckptd.cli", "status", "--socket", d.socket],
+        capture_output=True,
+        text=True,
+        env=d.env,
+        timeout=60,
+    ).stdout
     assert f"daemon log: {log}" in out
     with open(log) as f:
         assert "listening on" in f.read()

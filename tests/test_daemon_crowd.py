@@ -15,10 +15,10 @@ import threading
 import time
 
 import pytest
+from test_daemon import DaemonProc
 
 from ckptd.daemon.client import DaemonLink, open_socket, status_of
 from ckptd.daemon.protocol import Heartbeat, Register, decode, encode, read_frame
-from test_daemon import DaemonProc
 
 
 @pytest.fixture
@@ -66,14 +66,18 @@ def test_a_burst_of_64_ranks_all_get_through(tmp_path):
         d.stop()
 
 
-@pytest.mark.parametrize("body", [
-    b'{"v":1,"type":"heartbeat","pid":%d,"step":3,"step_time":NaN}',
-    b'{"v":1,"type":"heartbeat","pid":%d,"step":3,"step_time":Infinity}',
-    b'{"v":1,"type":"register","pid":%d,"devices":[' + b",".join([b"7"] * 200_000) + b"]}",
-    b'{"v":1,"type":"register","pid":%d,"job":"' + b"j" * 100_000 + b'"}',
-    b'{"v":1,"type":"heartbeat","pid":%d,"step":100000000000000000000000}',
-    b'{"v":1,"type":"committed","pid":%d,"step":1,"path":["not","a","string"]}',
-], ids=["nan step time", "infinite step time", "200k devices", "100 kB job id", "huge step", "path not a string"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"v":1,"type":"heartbeat","pid":%d,"step":3,"step_time":NaN}',
+        b'{"v":1,"type":"heartbeat","pid":%d,"step":3,"step_time":Infinity}',
+        b'{"v":1,"type":"register","pid":%d,"devices":[' + b",".join([b"7"] * 200_000) + b"]}",
+        b'{"v":1,"type":"register","pid":%d,"job":"' + b"j" * 100_000 + b'"}',
+        b'{"v":1,"type":"heartbeat","pid":%d,"step":100000000000000000000000}',
+        b'{"v":1,"type":"committed","pid":%d,"step":1,"path":["not","a","string"]}',
+    ],
+    ids=["nan step time", "infinite step time", "200k devices", "100 kB job id", "huge step", "path not a string"],
+)
 def test_a_hostile_message_gets_an_error_reply_and_status_still_works(daemon, body):
     reply = raw(daemon, body.replace(b"%d", str(os.getpid()).encode()), registered=True)
     assert reply["ok"] is False and reply["error"], reply
@@ -110,9 +114,11 @@ def test_a_foreign_pid_is_refused_and_a_child_is_accepted(daemon):
     finally:
         stranger.kill()
         stranger.wait()
-    code = ("import socket,struct,json,sys;from ckptd.daemon.protocol import Register,encode,read_frame;"
-            f"s=socket.socket(socket.AF_UNIX);s.connect({daemon.socket!r});"
-            f"s.sendall(encode(Register(pid={os.getpid()})));print(json.loads(read_frame(s))['ok'])")
+    code = (
+        "import socket,struct,json,sys;from ckptd.daemon.protocol import Register,encode,read_frame;"
+        f"s=socket.socket(socket.AF_UNIX);s.connect({daemon.socket!r});"
+        f"s.sendall(encode(Register(pid={os.getpid()})));print(json.loads(read_frame(s))['ok'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", "a child may not register its parent"
 

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
+from _trainer import assert_tree_equal
 
 import ckptd
-from _trainer import assert_tree_equal
 
 WORKER = os.path.join(os.path.dirname(__file__), "_dist_worker.py")
 
@@ -19,10 +19,29 @@ def launch(tmp_path, store, world, mode, tag, envs: list[dict] | None = None, ar
     """``world`` gloo ranks; ``envs`` gives each rank extra environment (a node's daemon socket, local tier)."""
     init = f"file://{tmp_path}/rdzv-{tag}"
     procs = [
-        subprocess.Popen([sys.executable, WORKER, "--store", store, "--rank", str(r), "--world", str(world),
-                          "--init", init, "--mode", mode, "--out", str(tmp_path / f"{tag}-{r}.pt"), *args],
-                         env={**os.environ, **(envs[r] if envs else {})},
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                WORKER,
+                "--store",
+                store,
+                "--rank",
+                str(r),
+                "--world",
+                str(world),
+                "--init",
+                init,
+                "--mode",
+                mode,
+                "--out",
+                str(tmp_path / f"{tag}-{r}.pt"),
+                *args,
+            ],
+            env={**os.environ, **(envs[r] if envs else {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for r in range(world)
     ]
     for p in procs:
@@ -58,4 +77,3 @@ def test_restore_with_another_world_size(saved, world, tmp_path):
         assert_tree_equal(finals[0]["optimizer"], got["optimizer"], f"rank {r} optimizer")
         if r < 2:  # ranks that existed get their own generator back
             assert torch.equal(finals[r]["rng"], got["rng"])
-

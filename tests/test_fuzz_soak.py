@@ -24,10 +24,19 @@ FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCh
 
 
 def sample_manifest() -> Manifest:
-    return Manifest(step=3, created=utc_now(), world_size=1, host="h", checksum="crc32",
-                    files=(FileEntry("__0_0.distcp", 10, "00000000"),),
-                    items=(Item("model.w", (("d", "model"), ("d", "w")), "tensor", "__0_0.distcp", 0, 10,
-                                (2,), "float32", 8, (0,), (2,)),))
+    return Manifest(
+        step=3,
+        created=utc_now(),
+        world_size=1,
+        host="h",
+        checksum="crc32",
+        files=(FileEntry("__0_0.distcp", 10, "00000000"),),
+        items=(
+            Item(
+                "model.w", (("d", "model"), ("d", "w")), "tensor", "__0_0.distcp", 0, 10, (2,), "float32", 8, (0,), (2,)
+            ),
+        ),
+    )
 
 
 @FAST
@@ -78,7 +87,7 @@ def test_store_uris_fail_with_one_clear_error(uri):
     except ckptd.CkptdError as e:
         assert "\n" not in str(e)
     except Exception as e:  # pragma: no cover - the assertion is the report
-        raise AssertionError(f"{uri!r} raised {type(e).__name__}: {e}")
+        raise AssertionError(f"{uri!r} raised {type(e).__name__}: {e}") from e
 
 
 def test_torch_load_is_only_ever_weights_only():

@@ -11,21 +11,31 @@ import time
 import urllib.request
 
 import fake_nvml
-from ckptd.daemon.client import DaemonLink, open_socket, status_of
-from ckptd.daemon.protocol import Register
 from test_daemon import TESTS, DaemonProc
 
-OLD_DRIVER = ["nvmlDeviceGetUUID", "nvmlDeviceGetPciInfo", "nvmlSystemGetCudaDriverVersion",
-              "nvmlDeviceGetComputeRunningProcesses"]
+from ckptd.daemon.client import DaemonLink, open_socket, status_of
+from ckptd.daemon.protocol import Register
+
+OLD_DRIVER = [
+    "nvmlDeviceGetUUID",
+    "nvmlDeviceGetPciInfo",
+    "nvmlSystemGetCudaDriverVersion",
+    "nvmlDeviceGetComputeRunningProcesses",
+]
 
 
 def health(tmp_path, timeline: dict, *args: str) -> subprocess.CompletedProcess:
     tl = tmp_path / "timeline.json"
     tl.write_text(json.dumps(timeline))
-    env = {**os.environ, "CKPTD_NVML_MODULE": "fake_nvml", "FAKE_NVML_TIMELINE": str(tl),
-           "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "ckptd.cli", "health", *args], capture_output=True, text=True,
-                          env=env, timeout=60)
+    env = {
+        **os.environ,
+        "CKPTD_NVML_MODULE": "fake_nvml",
+        "FAKE_NVML_TIMELINE": str(tl),
+        "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "ckptd.cli", "health", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_health_names_each_gpu_its_bus_driver_and_cuda(tmp_path):
@@ -37,7 +47,8 @@ def test_health_names_each_gpu_its_bus_driver_and_cuda(tmp_path):
     assert res.stdout.count(fake_nvml.NAME) == 2
     gpus = json.loads(health(tmp_path, {"gpus": 2}, "--json").stdout)["gpus"]
     assert [(g["index"], g["uuid"], g["pci_bus_id"], g["driver"], g["cuda"], g["processes"]) for g in gpus] == [
-        (i, fake_nvml.uuid(i), fake_nvml.bus_id(i), "550.54.15", "12.4", []) for i in (0, 1)]
+        (i, fake_nvml.uuid(i), fake_nvml.bus_id(i), "550.54.15", "12.4", []) for i in (0, 1)
+    ]
 
 
 def test_an_older_driver_shows_na_and_the_health_signals_still(tmp_path):
@@ -48,7 +59,12 @@ def test_an_older_driver_shows_na_and_the_health_signals_still(tmp_path):
     assert fake_nvml.uuid(0) not in res.stdout and "n/a" in res.stdout
     (gpu,) = json.loads(health(tmp_path, timeline, "--json").stdout)["gpus"]
     assert (gpu["name"], gpu["uuid"], gpu["pci_bus_id"], gpu["cuda"], gpu["processes"]) == (
-        fake_nvml.NAME, "n/a", "n/a", "n/a", None)
+        fake_nvml.NAME,
+        "n/a",
+        "n/a",
+        "n/a",
+        None,
+    )
     assert gpu["state"] == "fatal" and gpu["signals"]["temperature"] == 50
 
 
@@ -84,8 +100,10 @@ def test_status_and_metrics_say_which_job_uses_which_gpu():
         port = s.getsockname()[1]
     seen = subprocess.Popen(["sleep", "120"])  # NVML sees it computing on GPU 0; it registered no device
     declared = subprocess.Popen(["sleep", "120"])  # registered with device 1; NVML does not list it
-    d = DaemonProc({"gpus": 2, "events": [{"t": 0, "gpu": 0, "set": {"processes": [seen.pid]}}]},
-                   args=("--metrics-port", str(port)))
+    d = DaemonProc(
+        {"gpus": 2, "events": [{"t": 0, "gpu": 0, "set": {"processes": [seen.pid]}}]},
+        args=("--metrics-port", str(port)),
+    )
     try:
         _register(d.socket, seen.pid, rank=0, job="job-seen")
         _register(d.socket, declared.pid, rank=3, devices=(1,), job="job-declared")
@@ -93,14 +111,27 @@ def test_status_and_metrics_say_which_job_uses_which_gpu():
         while time.monotonic() < deadline and not status_of(d.socket)["gpus"]:  # the first poll
             time.sleep(0.2)
         gpus = status_of(d.socket)["gpus"]
-        assert [g["jobs"] for g in gpus] == [[{"job": "job-seen", "pid": seen.pid, "rank": 0}],
-                                             [{"job": "job-declared", "pid": declared.pid, "rank": 3}]]
-        out = subprocess.run([sys.executable, "-m", "ckptd.cli", "status", "--socket", d.socket],
-                             capture_output=True, text=True, env=d.env, timeout=60).stdout
+        assert [g["jobs"] for g in gpus] == [
+            [{"job": "job-seen", "pid": seen.pid, "rank": 0}],
+            [{"job": "job-declared", "pid": declared.pid, "rank": 3}],
+        ]
+        out = subprocess.run(
+            [sys.executable, "-m", "ckptd.cli", "status", "--socket", d.socket],
+            capture_output=True,
+            text=True,
+            env=d.env,
+            timeout=60,
+        ).stdout
         assert "driver 550.54.15, CUDA 12.4" in out and fake_nvml.uuid(1) in out and fake_nvml.bus_id(0) in out
         assert f"job-declared rank 3 (pid {declared.pid})" in out and f"job-seen rank 0 (pid {seen.pid})" in out
-        info = {"gpu": "1", "name": fake_nvml.NAME, "uuid": fake_nvml.uuid(1), "pci_bus_id": fake_nvml.bus_id(1),
-                "driver": "550.54.15", "cuda": "12.4"}
+        info = {
+            "gpu": "1",
+            "name": fake_nvml.NAME,
+            "uuid": fake_nvml.uuid(1),
+            "pci_bus_id": fake_nvml.bus_id(1),
+            "driver": "550.54.15",
+            "cuda": "12.4",
+        }
         seen_on_0 = {"gpu": "0", "uuid": fake_nvml.uuid(0), "job": "job-seen", "pid": str(seen.pid), "rank": "0"}
         series = _metrics(port, lambda m: seen_on_0 in m["ckptd_gpu_job"])
         assert info in series["ckptd_gpu_info"] and seen_on_0 in series["ckptd_gpu_job"], series

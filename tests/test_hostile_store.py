@@ -14,12 +14,21 @@ import subprocess
 import sys
 
 import pytest
-
 from test_snapshot import run
 
 STEP3 = "step-000000000003"
-DAMAGES = ["data fifo", "data symlink loop", "data directory", "data symlink to a good copy", "absurd shape",
-           "item length 1e15", "garbage manifest", "manifest fifo", "manifest directory", "absurd file size"]
+DAMAGES = [
+    "data fifo",
+    "data symlink loop",
+    "data directory",
+    "data symlink to a good copy",
+    "absurd shape",
+    "item length 1e15",
+    "garbage manifest",
+    "manifest fifo",
+    "manifest directory",
+    "absurd file size",
+]
 
 
 def _rewrite_manifest(path: str, change) -> None:
@@ -49,15 +58,18 @@ def damage(store: str, how: str, outside: str) -> None:
         else:
             os.symlink(os.path.join(outside, "copy.distcp"), data)
     elif how == "absurd shape":
+
         def change(raw):
             item = next(i for i in raw["items"] if i["kind"] == "tensor")
             item["shape"] = item["chunk_sizes"] = [10**7, 10**7]
             item["chunk_offsets"] = [0, 0]
             item["nbytes"] = 4 * 10**14
+
         _rewrite_manifest(manifest, change)
     elif how == "item length 1e15":
-        _rewrite_manifest(manifest, lambda raw: next(i for i in raw["items"] if i["kind"] == "tensor").update(
-            length=10**15))
+        _rewrite_manifest(
+            manifest, lambda raw: next(i for i in raw["items"] if i["kind"] == "tensor").update(length=10**15)
+        )
     elif how == "absurd file size":
         _rewrite_manifest(manifest, lambda raw: raw["files"][0].update(size=10**15))
     elif how == "garbage manifest":
@@ -136,11 +148,13 @@ def test_a_snapshot_that_verifies_but_cannot_be_read_is_skipped_too(tmp_path):
     def change(raw):
         item = next(i for i in raw["items"] if i["kind"] == "tensor" and i.get("data_offset", -1) >= 0)
         item["data_offset"] = item["offset"] + item["length"]
+
     _rewrite_manifest(os.path.join(store, STEP3, "ckptd.json"), change)
     assert "step 3: ok" in cli("verify", store, "--all").stdout, "the checksums still pass"
     code = RESTORE.format(tests=os.path.dirname(__file__), store=store)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr[-3000:]
     start, loaded, warned = res.stdout.strip().split(" ", 2)
-    assert (start, loaded) == ("2", "1") and f"skipping {STEP3}" in warned and "outside its record" in warned, \
+    assert (start, loaded) == ("2", "1") and f"skipping {STEP3}" in warned and "outside its record" in warned, (
         res.stdout
+    )

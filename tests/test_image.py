@@ -13,6 +13,7 @@ import zlib
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from _trainer import assert_tree_equal
 from torch import nn
 
 import ckptd
@@ -21,11 +22,19 @@ from ckptd.snapshot.direct import BUFFERED, DIRECT, DirectWriter, Segment
 from ckptd.snapshot.image import ALIGN, Templates, make_template, plan
 from ckptd.snapshot.stage import FileImage, HostPool
 from ckptd.store.checksum import file_checksum
-from _trainer import assert_tree_equal
 
 
-@pytest.mark.parametrize("shape,dtype", [((3, 4), torch.float32), ((), torch.int64), ((0,), torch.float32),
-                                         ((7,), torch.bfloat16), ((5,), torch.bool), ((600, 700), torch.float16)])
+@pytest.mark.parametrize(
+    "shape,dtype",
+    [
+        ((3, 4), torch.float32),
+        ((), torch.int64),
+        ((0,), torch.float32),
+        ((7,), torch.bfloat16),
+        ((5,), torch.bool),
+        ((600, 700), torch.float16),
+    ],
+)
 def test_template_plus_data_is_the_record_torch_save_writes(shape, dtype):
     t = make_template(shape, dtype)
     x = (torch.randn(shape) * 10).to(dtype)
@@ -42,21 +51,24 @@ def test_template_plus_data_is_the_record_torch_save_writes(shape, dtype):
 
 
 def test_layout_puts_large_tensors_on_4k_and_pool_views_at_their_offsets():
-    layout = plan([("a", (5,), torch.float32), ("b", (512, 1024), torch.float32), ("c", (3,), torch.int64)],
-                  Templates())
+    layout = plan(
+        [("a", (5,), torch.float32), ("b", (512, 1024), torch.float32), ("c", (3,), torch.int64)], Templates()
+    )
     big = layout.by_fqn["b"]
     assert big.data % ALIGN == 0 and layout.size % ALIGN == 0
     img = FileImage(layout, pin=False)
     img.tensors["b"].fill_(2.5)
-    raw = bytes(img.view[big.offset:big.offset + big.length])
-    assert raw[:len(big.template.prefix)] == big.template.prefix
-    assert torch.equal(torch.frombuffer(bytearray(raw[big.data - big.offset:][:big.nbytes]), dtype=torch.float32),
-                       torch.full((512 * 1024,), 2.5))
+    raw = bytes(img.view[big.offset : big.offset + big.length])
+    assert raw[: len(big.template.prefix)] == big.template.prefix
+    assert torch.equal(
+        torch.frombuffer(bytearray(raw[big.data - big.offset :][: big.nbytes]), dtype=torch.float32),
+        torch.full((512 * 1024,), 2.5),
+    )
     img.close()
 
 
 def _segments(img: FileImage) -> list[Segment]:
-    return [Segment(0, img.view[:img.layout.size])]
+    return [Segment(0, img.view[: img.layout.size])]
 
 
 @pytest.mark.parametrize("direct", [True, False])
@@ -129,7 +141,7 @@ def test_snapshot_from_the_image_is_o_direct_valid_zip_and_dcp_loadable(tmp_path
     tensors = [i for i in man["items"] if i["kind"] == "tensor"]
     assert tensors and all(i["data_offset"] > i["offset"] for i in tensors)
     for item in tensors:
-        record = raw[item["offset"]:item["offset"] + item["length"]]
+        record = raw[item["offset"] : item["offset"] + item["length"]]
         assert zipfile.ZipFile(io.BytesIO(record)).testzip() is None, item["fqn"]
     fresh, fresh_opt = make(seed=9)
     sd = {"model": fresh.state_dict()}
@@ -222,9 +234,9 @@ def test_checkpointer_restore_reads_each_file_once(tmp_path):
 
 
 def test_a_file_changed_after_verification_is_caught_by_the_load_itself(tmp_path):
+    from ckptd.errors import SnapshotCorrupt
     from ckptd.restore.find import read_manifest
     from ckptd.restore.load import read_state
-    from ckptd.errors import SnapshotCorrupt
     from ckptd.store.file import FileStore
 
     model, opt = make()

@@ -17,11 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-pl = pytest.importorskip("pytorch_lightning", reason="pytorch-lightning is not installed: pip install "
-                         "'ckptd[lightning]' (or the test extra)") if __name__ != "__main__" else None
+pl = (
+    pytest.importorskip(
+        "pytorch_lightning",
+        reason="pytorch-lightning is not installed: pip install 'ckptd[lightning]' (or the test extra)",
+    )
+    if __name__ != "__main__"
+    else None
+)
 
 import torch  # noqa: E402
-
 from _trainer import assert_tree_equal, run_script  # noqa: E402
 
 HERE = os.path.abspath(__file__)
@@ -35,8 +40,9 @@ def build(store: str | None, policy: str):
     class Tiny(pl.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3),
-                                           torch.nn.Linear(32, 1))
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 1)
+            )
 
         def training_step(self, batch, batch_idx):
             x, y = batch
@@ -61,8 +67,16 @@ def build(store: str | None, policy: str):
         from ckptd.integrations.lightning import CkptdCallback
 
         callbacks.append(CkptdCallback(store, policy=policy))
-    trainer = pl.Trainer(max_epochs=EPOCHS, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    trainer = pl.Trainer(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     return model, loader, trainer, callbacks
 
 
@@ -77,8 +91,15 @@ def job(argv: list[str]) -> None:
     print(f"resume from {ckpt_path}", file=sys.stderr, flush=True)
     trainer.fit(model, train_dataloaders=loader, ckpt_path=ckpt_path)
     opt = trainer.optimizers[0]
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "global_step": trainer.global_step,
-                "lr": trainer.lr_scheduler_configs[0].scheduler.get_last_lr()}, args.out)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "global_step": trainer.global_step,
+            "lr": trainer.lr_scheduler_configs[0].scheduler.get_last_lr(),
+        },
+        args.out,
+    )
 
 
 def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_fit(tmp_path):
@@ -150,9 +171,16 @@ def _tiny_fit(store, tmp_path, ckpt_path=None, steps=2):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     cb = CkptdCallback(store, policy="every:1")
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
-                         default_root_dir=str(tmp_path))
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(Tiny(), DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=2), ckpt_path=ckpt_path)
     return trainer, cb
 

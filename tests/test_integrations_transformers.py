@@ -19,13 +19,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 if __name__ != "__main__":
-    pytest.importorskip("transformers", reason="transformers is not installed: pip install 'ckptd[transformers]' "
-                        "(scripts/install.sh installs it; it is too large for the test extra)")
-    pytest.importorskip("accelerate", reason="accelerate (the Trainer needs it) is not installed: "
-                        "pip install 'ckptd[transformers]'")
+    pytest.importorskip(
+        "transformers",
+        reason="transformers is not installed: pip install 'ckptd[transformers]' "
+        "(scripts/install.sh installs it; it is too large for the test extra)",
+    )
+    pytest.importorskip(
+        "accelerate", reason="accelerate (the Trainer needs it) is not installed: pip install 'ckptd[transformers]'"
+    )
 
 import torch  # noqa: E402
-
 from _trainer import assert_tree_equal, run_script  # noqa: E402
 
 HERE = os.path.abspath(__file__)
@@ -35,8 +38,9 @@ EPOCHS, STEPS = 3, 16
 class Tiny(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3),
-                                       torch.nn.Linear(32, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(32, 1)
+        )
 
     def forward(self, x, labels=None):
         out = self.net(x)
@@ -77,15 +81,32 @@ def job(argv: list[str]) -> None:
         from ckptd.integrations.transformers import CkptdCallback
 
         callbacks.insert(0, CkptdCallback(a.store, policy=a.policy))
-    args = TrainingArguments(output_dir=a.workdir, per_device_train_batch_size=8, num_train_epochs=EPOCHS,
-                             learning_rate=1e-2, save_strategy="no", report_to="none", use_cpu=True, seed=42,
-                             disable_tqdm=True, logging_strategy="no", dataloader_num_workers=0)
+    args = TrainingArguments(
+        output_dir=a.workdir,
+        per_device_train_batch_size=8,
+        num_train_epochs=EPOCHS,
+        learning_rate=1e-2,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=42,
+        disable_tqdm=True,
+        logging_strategy="no",
+        dataloader_num_workers=0,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=Pairs(), callbacks=callbacks)
     resume = callbacks[0].resume_path() if a.store is not None else None
     print(f"resume from {resume}", file=sys.stderr, flush=True)
     trainer.train(resume_from_checkpoint=resume)
-    torch.save({"model": model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
-                "global_step": trainer.state.global_step, "lr": trainer.lr_scheduler.get_last_lr()}, a.out)
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": trainer.optimizer.state_dict(),
+            "global_step": trainer.state.global_step,
+            "lr": trainer.lr_scheduler.get_last_lr(),
+        },
+        a.out,
+    )
 
 
 def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_train(tmp_path, bucket):
@@ -95,15 +116,32 @@ def test_sigkill_mid_epoch_resumes_bitwise_equal_to_a_plain_train(tmp_path, buck
         reference = pool.submit(run_script, HERE, "--out", ref, "--workdir", str(tmp_path / "w0"))
 
         # Killed in epoch 1 (global steps 17-32), after snapshots of steps 4, 9, 14 and 19 (counted from 0).
-        rc, lines = run_script(HERE, "--store", store, "--out", out, "--workdir", str(tmp_path / "w1"),
-                               kill_on=r"^trained step 23$", env={"CKPTD_LOCAL": str(tmp_path / "node-a")})
+        rc, lines = run_script(
+            HERE,
+            "--store",
+            store,
+            "--out",
+            out,
+            "--workdir",
+            str(tmp_path / "w1"),
+            kill_on=r"^trained step 23$",
+            env={"CKPTD_LOCAL": str(tmp_path / "node-a")},
+        )
         assert rc == -signal.SIGKILL, "the job finished before it was killed:\n" + "\n".join(lines[-20:])
         assert not os.path.exists(out)
         rc, lines = reference.result()
         assert rc == 0, "\n".join(lines[-20:])
 
-    rc, lines = run_script(HERE, "--store", store, "--out", out, "--workdir", str(tmp_path / "w2"),
-                           env={"CKPTD_LOCAL": str(tmp_path / "node-b")})
+    rc, lines = run_script(
+        HERE,
+        "--store",
+        store,
+        "--out",
+        out,
+        "--workdir",
+        str(tmp_path / "w2"),
+        env={"CKPTD_LOCAL": str(tmp_path / "node-b")},
+    )
     assert rc == 0, "\n".join(lines[-20:])
     resumed = [line for line in lines if line.startswith("resume from ")]
     assert resumed and re.search(r"/checkpoint-(5|10|15|20)$", resumed[0]), resumed

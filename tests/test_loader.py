@@ -58,15 +58,16 @@ def train(store, kind: str, steps: int, *, stop_after: int | None = None, as_ext
     return seen, model
 
 
-@pytest.mark.parametrize("kind,stop", [("generator", 17), ("global", 17), ("global", 12), ("generator", 1),
-                                       ("workers", 5), ("stateful", 17)])
+@pytest.mark.parametrize(
+    "kind,stop", [("generator", 17), ("global", 17), ("global", 12), ("generator", 1), ("workers", 5), ("stateful", 17)]
+)
 def test_loader_resumes_at_the_same_batch_bitwise(tmp_path, kind, stop):
     want, ref = train(tmp_path / "ref", kind, 30)
     first, _ = train(tmp_path / "s", kind, 30, stop_after=stop)
     rest, model = train(tmp_path / "s", kind, 30, seed=99)  # a restarted process: another RNG
     assert first == want[:stop]
     if kind == "stateful":  # its own resume is exact to the epoch's end; its next shuffle is its own affair
-        assert rest[:24 - stop] == want[stop:24]
+        assert rest[: 24 - stop] == want[stop:24]
         return
     assert rest == want[stop:]
     for a, b in zip(ref.parameters(), model.parameters()):
@@ -123,19 +124,31 @@ def test_inspect_shows_every_group(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
     loader = make_loader("generator")
-    with ckptd.Checkpointer(str(tmp_path), model=model, optimizer=opt, scheduler=sched, loader=loader,
-                            extra={"counter": Counter()}, policy="every:1000") as ck:
+    with ckptd.Checkpointer(
+        str(tmp_path),
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        loader=loader,
+        extra={"counter": Counter()},
+        policy="every:1000",
+    ) as ck:
         it = iter(loader)
         next(it), next(it)
         ck.save(4)
-    out = subprocess.run([sys.executable, "-m", "ckptd.cli", "inspect", str(tmp_path), "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ckptd.cli", "inspect", str(tmp_path), "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     groups = json.loads(out)["groups"]
     assert groups["optimizer"][""][0]["lr"] == 3e-4 and groups["optimizer"][""][0]["params"] == 2
     assert groups["scheduler"]["step_size"] == 3
     assert groups["loader"]["0"]["consumed"] == 2 and groups["loader"]["0"]["mid_epoch"] is True
     assert groups["extra"]["0"]["counter"] == {"n": 7}
-    text = subprocess.run([sys.executable, "-m", "ckptd.cli", "inspect", str(tmp_path)],
-                          capture_output=True, text=True, check=True).stdout
+    text = subprocess.run(
+        [sys.executable, "-m", "ckptd.cli", "inspect", str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout
     for word in ("optimizer", "lr", "scheduler", "step_size", "loader", "consumed", "extra", "counter"):
         assert word in text

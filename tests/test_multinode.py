@@ -12,6 +12,9 @@ import time
 
 import pytest
 import torch
+from test_daemon import DaemonProc
+from test_distributed import WORKER, launch
+from test_snapshot import make, run, train_step
 
 import ckptd
 from ckptd.errors import SnapshotError
@@ -24,14 +27,16 @@ from ckptd.snapshot.parts import part_key
 from ckptd.store import open_store
 from ckptd.store.file import FileStore
 from ckptd.store.s3 import S3Store
-from test_daemon import DaemonProc
-from test_distributed import WORKER, launch
-from test_snapshot import make, run, train_step
 
 
 def cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ckptd.cli", *args], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "ckptd.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("nodes", [2, 3])
@@ -40,8 +45,15 @@ def test_nodes_with_their_own_daemons_commit_every_rank(s3env, tmp_path, nodes):
     uri = f"s3://{s3env.make_bucket()}/two-nodes"
     daemons = [DaemonProc(extra_env=s3env.env()) for _ in range(nodes)]
     try:
-        envs = [{**s3env.env(), "CKPTD_SOCKET": d.socket, "CKPTD_LOCAL": str(tmp_path / f"node-{i}"),
-                 "CKPTD_JOB": "two-nodes"} for i, d in enumerate(daemons)]
+        envs = [
+            {
+                **s3env.env(),
+                "CKPTD_SOCKET": d.socket,
+                "CKPTD_LOCAL": str(tmp_path / f"node-{i}"),
+                "CKPTD_JOB": "two-nodes",
+            }
+            for i, d in enumerate(daemons)
+        ]
         finals = launch(tmp_path, uri, nodes, "save", "save", envs)
     finally:
         for d in daemons:
@@ -51,8 +63,15 @@ def test_nodes_with_their_own_daemons_commit_every_rank(s3env, tmp_path, nodes):
     assert [(i.step, i.world_size) for i in infos] == [(2, nodes), (5, nodes)], out
     res = cli("verify", uri, "--all", env=s3env.env())
     assert res.returncode == 0 and "step 2: ok" in res.stdout and "step 5: ok" in res.stdout, res.stdout + res.stderr
-    fresh = [{**s3env.env(), "CKPTD_LOCAL": str(tmp_path / f"fresh-{i}"), "CKPTD_SOCKET": str(tmp_path / "none"),
-              "CKPTD_JOB": "two-nodes-again"} for i in range(nodes)]
+    fresh = [
+        {
+            **s3env.env(),
+            "CKPTD_LOCAL": str(tmp_path / f"fresh-{i}"),
+            "CKPTD_SOCKET": str(tmp_path / "none"),
+            "CKPTD_JOB": "two-nodes-again",
+        }
+        for i in range(nodes)
+    ]
     for got in launch(tmp_path, uri, nodes, "restore", "restore", fresh):
         assert got["start"] == 6
         assert torch.equal(got["model"]["0.weight"], finals[0]["model"]["0.weight"])
@@ -77,9 +96,19 @@ def test_a_whole_part_commits(one_part):
     assert try_commit(remote, manifest, data) == [], "a peer finding it committed is success"
 
 
-@pytest.mark.parametrize("damage", ["object missing", "object short", "record lies", "record garbage",
-                                    "record huge", "record absent", "record of another world",
-                                    "record of another attempt"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "object missing",
+        "object short",
+        "record lies",
+        "record garbage",
+        "record huge",
+        "record absent",
+        "record of another world",
+        "record of another attempt",
+    ],
+)
 def test_a_part_that_is_not_whole_never_commits(one_part, damage):
     remote, manifest, data = one_part
     name = manifest.files_of(0)[0].name
@@ -155,8 +184,6 @@ def test_failed_restore_to_leaves_no_directory(s3env, tmp_path):
     assert not (tmp_path / "back").exists() or not os.listdir(tmp_path / "back")
 
 
-
-
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_torchrun_under_ckptd_run_commits_every_rank_to_s3(s3env, tmp_path, nproc):
     """`ckptd run --store s3://… -- torchrun --nproc-per-node 2 train.py`, tried as a new user would."""
@@ -164,10 +191,32 @@ def test_torchrun_under_ckptd_run_commits_every_rank_to_s3(s3env, tmp_path, npro
     env = {**s3env.env(), "CKPTD_LOCAL": str(tmp_path / "node")}
 
     def ckptd_run(mode: str, tag: str) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "ckptd.cli", "run", "--store", uri, "--max-restarts", "0",
-               "--socket", str(tmp_path / f"{tag}.sock"), "--", sys.executable, "-m", "torch.distributed.run",
-               "--standalone", "--nproc-per-node", str(nproc), WORKER, "--store", uri, "--mode", mode,
-               "--out", str(tmp_path / f"{tag}-{{rank}}.pt")]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ckptd.cli",
+            "run",
+            "--store",
+            uri,
+            "--max-restarts",
+            "0",
+            "--socket",
+            str(tmp_path / f"{tag}.sock"),
+            "--",
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            WORKER,
+            "--store",
+            uri,
+            "--mode",
+            mode,
+            "--out",
+            str(tmp_path / f"{tag}-{{rank}}.pt"),
+        ]
         clean = {k: v for k, v in os.environ.items() if k not in ("CKPTD_JOB", "CKPTD_SOCKET")}
         return subprocess.run(cmd, env={**clean, **env}, capture_output=True, text=True, timeout=180)
 
@@ -212,8 +261,15 @@ def test_a_node_whose_daemon_is_killed_uploads_its_own_part(s3env, tmp_path, whe
 
     killer = threading.Thread(target=kill_when_registered, daemon=True)
     try:
-        envs = [{**s3env.env(), "CKPTD_SOCKET": d.socket, "CKPTD_LOCAL": str(tmp_path / f"node-{i}"),
-                 "CKPTD_JOB": "daemon-killed"} for i, d in enumerate(daemons)]
+        envs = [
+            {
+                **s3env.env(),
+                "CKPTD_SOCKET": d.socket,
+                "CKPTD_LOCAL": str(tmp_path / f"node-{i}"),
+                "CKPTD_JOB": "daemon-killed",
+            }
+            for i, d in enumerate(daemons)
+        ]
         killer.start()
         launch(tmp_path, uri, 2, "save", "save", envs, args=("--steps", "12"))
     finally:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import json
+import math
 import subprocess
-import time
 import sys
+import time
 
 import pytest
 import torch
@@ -15,8 +15,15 @@ from hypothesis import strategies as st
 
 import ckptd
 from ckptd.errors import ConfigError
-from ckptd.policy import (PolicyContext, RiskAwarePolicy, daly_interval, expected_waste, optimal_interval, parse_policy,
-                          young_interval)
+from ckptd.policy import (
+    PolicyContext,
+    RiskAwarePolicy,
+    daly_interval,
+    expected_waste,
+    optimal_interval,
+    parse_policy,
+    young_interval,
+)
 from ckptd.policy.simulate import Scenario, simulate
 
 PROPS = settings(max_examples=150, deadline=None)
@@ -37,8 +44,18 @@ def exact_optimum(cost: float, mtbf: float) -> float:
 
 
 def ctx(**kw) -> PolicyContext:
-    base = dict(step=100, now=1000.0, steps_since=10, seconds_since=10.0, step_time=1.0, stall=20.0,
-                persist=90.0, in_flight=0, gpus=1024, nbytes=10**10)
+    base = dict(
+        step=100,
+        now=1000.0,
+        steps_since=10,
+        seconds_since=10.0,
+        step_time=1.0,
+        stall=20.0,
+        persist=90.0,
+        in_flight=0,
+        gpus=1024,
+        nbytes=10**10,
+    )
     return PolicyContext(**{**base, **kw})
 
 
@@ -184,8 +201,12 @@ def test_checkpointer_default_policy_snapshots_sooner_after_a_risk_raise(tmp_pat
 
 
 def test_policy_cli_prints_interval_and_sources():
-    out = subprocess.run([sys.executable, "-m", "ckptd.cli", "policy", "--gpus", "1024", "--stall", "20s",
-                          "--persist", "90s"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ckptd.cli", "policy", "--gpus", "1024", "--stall", "20s", "--persist", "90s"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "snapshot every" in out and "Llama 3" in out and "expected" in out
 
 
@@ -211,13 +232,20 @@ def test_failures_and_hours_move_the_job_rate():
 
 
 def test_policy_cli_explains_rates_and_costs_in_one_table():
-    out = subprocess.run([sys.executable, "-m", "ckptd.cli", "policy"], capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "ckptd.cli", "policy"], capture_output=True, text=True, check=True
+    ).stdout
     assert "min" in out.splitlines()[0] and "max interval" in out
     for word in ("hardware", "job-level", "failures seen", "stall", "money", "Daly", "persist", "max interval"):
         assert word in out
-    d = json.loads(subprocess.run([sys.executable, "-m", "ckptd.cli", "policy", "--failures", "5", "--json"],
-                                  capture_output=True, text=True, check=True).stdout)
+    d = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "ckptd.cli", "policy", "--failures", "5", "--json"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert d["failures"] == 5 and d["interval"] < 600
 
 
@@ -225,9 +253,9 @@ def test_simulator_compares_the_default_with_lightning_and_hf():
     from ckptd.policy import LLAMA3_JOB_PER_HOUR
     from ckptd.policy.simulate import against_frameworks
 
-    sc = Scenario(gpus=1, job_per_hour=LLAMA3_JOB_PER_HOUR, stall=0.3, persist=5.0, restart=60.0, step_time=0.5,
-                  hours=24 * 14)
+    sc = Scenario(
+        gpus=1, job_per_hour=LLAMA3_JOB_PER_HOUR, stall=0.3, persist=5.0, restart=60.0, step_time=0.5, hours=24 * 14
+    )
     rows = {r.name.split(" (")[0]: r for r in against_frameworks(sc, sync_stall=2.0, epoch_steps=10000, seeds=4)}
-    assert set(rows) == {"Lightning per epoch", "HF Trainer every 500 steps", "ckptd before",
-                         "ckptd default policy"}
+    assert set(rows) == {"Lightning per epoch", "HF Trainer every 500 steps", "ckptd before", "ckptd default policy"}
     assert rows["ckptd default policy"].waste < min(r.waste for n, r in rows.items() if n != "ckptd default policy")

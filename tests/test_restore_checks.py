@@ -12,17 +12,20 @@ import warnings
 
 import pytest
 import torch
+from _trainer import assert_tree_equal
+from test_hostile_store import STEP3, _rewrite_manifest, cli
+from test_snapshot import ckpt_for, make, run
 
 import ckptd
 from ckptd.errors import NoGoodSnapshot, SnapshotCorrupt
-from test_hostile_store import STEP3, _rewrite_manifest, cli
-from test_snapshot import ckpt_for, make, run
-from _trainer import assert_tree_equal
 
 
 def _first_image_tensor(raw, dtype="float32", dims=2):
-    return next(i for i in raw["items"] if i["kind"] == "tensor" and i.get("data_offset", -1) >= 0
-                and i["dtype"] == dtype and len(i["shape"]) == dims)
+    return next(
+        i
+        for i in raw["items"]
+        if i["kind"] == "tensor" and i.get("data_offset", -1) >= 0 and i["dtype"] == dtype and len(i["shape"]) == dims
+    )
 
 
 def _forge(store, change) -> None:
@@ -133,8 +136,12 @@ def test_read_pieces_fills_each_buffer_and_checksums_the_file_in_order(tmp_path)
     assert read_pieces(str(path), pieces, size=len(data), algo="crc32") == file_checksum(str(path), "crc32")[0]
     assert b"".join(bufs) == data
     with pytest.raises(SnapshotCorrupt, match="the manifest says"):
-        read_pieces(str(path), pieces[:-1] + [Piece(cuts[-2], memoryview(bytearray(len(data) + 1 - cuts[-2])))],
-                    size=len(data) + 1, algo="crc32")
+        read_pieces(
+            str(path),
+            pieces[:-1] + [Piece(cuts[-2], memoryview(bytearray(len(data) + 1 - cuts[-2])))],
+            size=len(data) + 1,
+            algo="crc32",
+        )
 
 
 def test_a_manifest_pointing_two_tensors_at_the_same_bytes_is_refused(tmp_path):
@@ -142,9 +149,16 @@ def test_a_manifest_pointing_two_tensors_at_the_same_bytes_is_refused(tmp_path):
     run(store, 4)
 
     def change(raw):
-        first, second = [i for i in raw["items"] if i["kind"] == "tensor" and i.get("data_offset", -1) >= 0
-                         and i["dtype"] == "float32" and i["shape"] == _first_image_tensor(raw)["shape"]][:2]
+        first, second = [
+            i
+            for i in raw["items"]
+            if i["kind"] == "tensor"
+            and i.get("data_offset", -1) >= 0
+            and i["dtype"] == "float32"
+            and i["shape"] == _first_image_tensor(raw)["shape"]
+        ][:2]
         second.update(offset=first["offset"], length=first["length"], data_offset=first["data_offset"])
+
     _rewrite_manifest(os.path.join(store, STEP3, "ckptd.json"), change)
     with pytest.raises(SnapshotCorrupt, match="overlaps"):
         ckptd.load(store, step=3)

@@ -7,7 +7,6 @@ import random
 import signal
 
 import pytest
-
 from _trainer import assert_same_state, read_losses, run_trainer
 
 STEPS = 40
@@ -87,6 +86,7 @@ def check_invariants(store: str) -> int:
     import ckptd
     from ckptd.store import open_store
     from ckptd.tools.verify import verify_snapshot
+
     st = open_store(store, create=False)
     committed = [i.step for i in ckptd.list_snapshots(store) if i.committed]
     for step in committed:

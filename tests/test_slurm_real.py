@@ -10,10 +10,10 @@ import sys
 import time
 
 import pytest
-
-import ckptd
 from _slurm import SlurmCluster, why_not
 from _trainer import TRAIN, assert_same_state, read_losses
+
+import ckptd
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 WHY_NOT = why_not()
@@ -30,18 +30,41 @@ def slurm():
 class Job:
     """A batch job running `ckptd run -- python examples/train.py ...`, its files in one directory."""
 
-    def __init__(self, slurm: SlurmCluster, tmp, train_args: list[str], run_args: list[str] = (),
-                 env: dict | None = None, requeue: str = "--requeue") -> None:
+    def __init__(
+        self,
+        slurm: SlurmCluster,
+        tmp,
+        train_args: list[str],
+        run_args: list[str] = (),
+        env: dict | None = None,
+        requeue: str = "--requeue",
+    ) -> None:
         self.slurm, self.dir = slurm, tmp
         self.store, self.losses, self.out = str(tmp / "store"), str(tmp / "loss.log"), str(tmp / "job.out")
         self.socket = str(tmp / "d.sock")  # pytest names keep this well under the 108 bytes of a socket path
         script = tmp / "job.sh"
-        cmd = [sys.executable, "-m", "ckptd.cli", "run", "--store", self.store, "--socket", self.socket,
-               "--backoff", "0.1", *run_args, "--", sys.executable, TRAIN, "--loss-log", self.losses, *train_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ckptd.cli",
+            "run",
+            "--store",
+            self.store,
+            "--socket",
+            self.socket,
+            "--backoff",
+            "0.1",
+            *run_args,
+            "--",
+            sys.executable,
+            TRAIN,
+            "--loss-log",
+            self.losses,
+            *train_args,
+        ]
         script.write_text("#!/bin/bash\nexec " + " ".join(f"'{c}'" for c in cmd) + "\n")
         env = slurm.env(PYTHONPATH=TESTS + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
-        self.id = slurm.sbatch(requeue, "--open-mode=append", "-o", self.out, "-D", str(tmp), str(script),
-                               env=env)
+        self.id = slurm.sbatch(requeue, "--open-mode=append", "-o", self.out, "-D", str(tmp), str(script), env=env)
 
     def output(self) -> str:
         with open(self.out) as f:
@@ -52,7 +75,8 @@ class Job:
         while not (os.path.exists(self.losses) and _lines(self.losses) >= n):
             fields = self.slurm.job(self.id)
             assert time.monotonic() < deadline and fields["JobState"] in ("PENDING", "RUNNING"), (
-                f"{fields}\n{self.output() if os.path.exists(self.out) else ''}\n{self.slurm.logs()}")
+                f"{fields}\n{self.output() if os.path.exists(self.out) else ''}\n{self.slurm.logs()}"
+            )
             time.sleep(0.2)
 
     def starts(self) -> list[int]:
@@ -69,13 +93,28 @@ ARGS = ["--steps", "300", "--policy", "every:100000", "--width", "128", "--step-
 
 def test_preempted_job_snapshots_is_requeued_and_resumes_from_that_snapshot(slurm, tmp_path):
     ref = tmp_path / "ref"
-    subprocess.run([sys.executable, TRAIN, "--store", str(ref / "s"), *ARGS, "--out", str(ref / "final.pt"),
-                    "--loss-log", str(ref / "loss.log")], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            TRAIN,
+            "--store",
+            str(ref / "s"),
+            *ARGS,
+            "--out",
+            str(ref / "final.pt"),
+            "--loss-log",
+            str(ref / "loss.log"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     job = Job(slurm, tmp_path, [*ARGS, "--out", str(tmp_path / "final.pt")], ["--grace", "30"])
     job.wait_for_steps(40)
     slurm.run("scancel", "--signal=TERM", "--batch", job.id, check=True)  # Slurm's preemption warning
-    done = slurm.wait_job(job.id, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 180,
-                          "the requeued job to finish")
+    done = slurm.wait_job(
+        job.id, lambda f: f["JobState"] in ("COMPLETED", "FAILED", "CANCELLED"), 180, "the requeued job to finish"
+    )
     out = job.output()
     assert done["JobState"] == "COMPLETED" and done["Restarts"] == "1", out
     assert "ckptd run: preempted in" in out and f"ckptd run: requeued Slurm job {job.id};" in out, out
@@ -91,14 +130,17 @@ def test_fatal_gpu_requeues_the_job_without_this_node(slurm, tmp_path):
     cue = tmp_path / "fault-now"
     timeline = tmp_path / "timeline.json"
     timeline.write_text(json.dumps({"gpus": 1, "events": [{"when_exists": str(cue), "gpu": 0, "xid": 79}]}))
-    job = Job(slurm, tmp_path, ["--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02"],
-              ["--gpus", "0", "--grace", "30"],
-              env={"CKPTD_NVML_MODULE": "fake_nvml", "FAKE_NVML_TIMELINE": str(timeline)})
+    job = Job(
+        slurm,
+        tmp_path,
+        ["--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02"],
+        ["--gpus", "0", "--grace", "30"],
+        env={"CKPTD_NVML_MODULE": "fake_nvml", "FAKE_NVML_TIMELINE": str(timeline)},
+    )
     try:
         job.wait_for_steps(20)
         cue.touch()
-        held = slurm.wait_job(job.id, lambda f: f["Restarts"] == "1" and f["JobState"] == "PENDING", 120,
-                              "the requeue")
+        held = slurm.wait_job(job.id, lambda f: f["Restarts"] == "1" and f["JobState"] == "PENDING", 120, "the requeue")
         assert held["ExcNodeList"] == slurm.node, held
         deadline = time.monotonic() + 60
         while f"requeued Slurm job {job.id} without node {slurm.node}" not in job.output():
@@ -119,12 +161,20 @@ def test_status_names_the_slurm_job_and_scancel_is_not_requeued(slurm, tmp_path)
     job = Job(slurm, tmp_path, ["--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02"])
     try:
         job.wait_for_steps(5)
-        st = subprocess.run([sys.executable, "-m", "ckptd.cli", "status", "--socket", job.socket, "--json"],
-                            capture_output=True, text=True, timeout=60)
+        st = subprocess.run(
+            [sys.executable, "-m", "ckptd.cli", "status", "--socket", job.socket, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         (row,) = json.loads(st.stdout)["jobs"]
         assert row["job"] == job.id
-        text = subprocess.run([sys.executable, "-m", "ckptd.cli", "status", "--socket", job.socket],
-                              capture_output=True, text=True, timeout=60).stdout
+        text = subprocess.run(
+            [sys.executable, "-m", "ckptd.cli", "status", "--socket", job.socket],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
         assert re.search(rf"│ {job.id} +│ {row['pid']} +│ 0 ", text), text
     finally:
         slurm.run("scancel", job.id, check=True)  # an end, not a preemption warning: Slurm's to decide
@@ -133,8 +183,12 @@ def test_status_names_the_slurm_job_and_scancel_is_not_requeued(slurm, tmp_path)
 
 
 def test_a_job_slurm_may_not_requeue_ends_preempted_and_says_how_to_resume(slurm, tmp_path):
-    job = Job(slurm, tmp_path, ["--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02"],
-              requeue="--no-requeue")
+    job = Job(
+        slurm,
+        tmp_path,
+        ["--steps", "100000", "--policy", "every:100000", "--step-sleep", "0.02"],
+        requeue="--no-requeue",
+    )
     job.wait_for_steps(5)
     slurm.run("scancel", "--signal=TERM", "--batch", job.id, check=True)
     ended = slurm.wait_job(job.id, lambda f: f["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), 60, "its end")
@@ -160,11 +214,29 @@ def test_the_policy_of_a_requeued_job_counts_slurms_requeue(slurm, tmp_path):
     script, report = tmp_path / "job.py", tmp_path / "failures.txt"
     script.write_text(REPORT_POLICY)
     store = str(tmp_path / "store")
-    cmd = [sys.executable, "-m", "ckptd.cli", "run", "--store", store, "--no-daemon", "--", sys.executable,
-           str(script), store, str(report)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ckptd.cli",
+        "run",
+        "--store",
+        store,
+        "--no-daemon",
+        "--",
+        sys.executable,
+        str(script),
+        store,
+        str(report),
+    ]
     (tmp_path / "job.sh").write_text("#!/bin/bash\nexec " + " ".join(f"'{c}'" for c in cmd) + "\n")
-    job = slurm.sbatch("--requeue", "--open-mode=append", "-o", str(tmp_path / "job.out"), str(tmp_path / "job.sh"),
-                       env=slurm.env(PYTHONPATH=os.environ.get("PYTHONPATH", "")))
+    job = slurm.sbatch(
+        "--requeue",
+        "--open-mode=append",
+        "-o",
+        str(tmp_path / "job.out"),
+        str(tmp_path / "job.sh"),
+        env=slurm.env(PYTHONPATH=os.environ.get("PYTHONPATH", "")),
+    )
     deadline = time.monotonic() + 90
     while not (report.exists() and report.read_text()):
         assert time.monotonic() < deadline and slurm.job(job)["JobState"] in ("PENDING", "RUNNING")

@@ -11,14 +11,19 @@ import warnings
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from _trainer import assert_tree_equal
 from torch import nn
 
 import ckptd
 from ckptd.errors import (
-    ConfigError, IncompatibleSnapshot, InsufficientMemory, NoSnapshot, SnapshotCorrupt, SnapshotError,
+    ConfigError,
+    IncompatibleSnapshot,
+    InsufficientMemory,
+    NoSnapshot,
+    SnapshotCorrupt,
+    SnapshotError,
     StoreUnreachable,
 )
-from _trainer import assert_tree_equal
 
 
 class Counter:
@@ -54,8 +59,7 @@ def train_step(model, opt, sched, counter):
 
 def ckpt_for(store, model, opt, sched, counter, **kw):
     kw.setdefault("policy", "every:1000")
-    return ckptd.Checkpointer(str(store), model=model, optimizer=opt, scheduler=sched,
-                              extra={"counter": counter}, **kw)
+    return ckptd.Checkpointer(str(store), model=model, optimizer=opt, scheduler=sched, extra={"counter": counter}, **kw)
 
 
 def run(store, steps, policy="every:2", **kw):
@@ -76,6 +80,7 @@ def test_public_names_are_exported():
 def test_import_does_not_load_torch():
     import subprocess
     import sys
+
     code = "import sys, ckptd; ckptd.list_snapshots; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -240,7 +245,9 @@ def test_incompatible_model_names_tensor_and_shapes(tmp_path):
     run(tmp_path, 2)
     model, opt, sched, counter = make(width=32)
     with ckpt_for(tmp_path, model, opt, sched, counter) as ck:
-        with pytest.raises(IncompatibleSnapshot, match=r"'0.weight': snapshot has shape \(64, 8\), the model has \(32, 8\)"):
+        with pytest.raises(
+            IncompatibleSnapshot, match=r"'0.weight': snapshot has shape \(64, 8\), the model has \(32, 8\)"
+        ):
             ck.restore()
 
 
@@ -314,6 +321,7 @@ def test_manifest_rejects_paths_outside_the_snapshot(tmp_path):
     raw.pop("digest")
     raw["files"][0]["name"] = "../../etc/passwd"
     from ckptd.snapshot.manifest import _digest
+
     raw["digest"] = _digest(raw)
     path.write_text(json.dumps(raw))
     with pytest.warns(UserWarning, match="outside its snapshot"):

@@ -29,12 +29,11 @@ def test_round_trip_multipart_and_ranged(bucket, tmp_path):
     dest = tmp_path / "back.bin"
     store.get_file("step-000000000001/__0_0.distcp", str(dest))
     assert dest.read_bytes() == data
-    assert store.get_range("step-000000000001/__0_0.distcp", 5 << 20, 100) == data[5 << 20:(5 << 20) + 100]
+    assert store.get_range("step-000000000001/__0_0.distcp", 5 << 20, 100) == data[5 << 20 : (5 << 20) + 100]
     store.put_bytes("step-000000000001/x", b"hello")
     assert store.get_bytes("step-000000000001/x") == b"hello"
     assert store.children("") == ["step-000000000001"]
-    assert [o.key for o in store.list("step-000000000001")] == ["step-000000000001/__0_0.distcp",
-                                                                "step-000000000001/x"]
+    assert [o.key for o in store.list("step-000000000001")] == ["step-000000000001/__0_0.distcp", "step-000000000001/x"]
     store.delete_prefix("step-000000000001")
     assert store.list("") == [] and not store.exists("step-000000000001/x")
     store.close()
@@ -113,8 +112,11 @@ def test_bad_credentials_and_bad_endpoint_fail_at_construction(s3env, monkeypatc
 @pytest.mark.parametrize("after_parts", [1, 3])
 def test_server_killed_mid_upload_then_restarted(s3env, tmp_path, after_parts):
     bucket = s3env.make_bucket()
-    store = S3Store(bucket, "outage", config=S3Config(part_size=5 << 20, concurrency=2, max_attempts=1,
-                                                      connect_timeout=1, read_timeout=5))
+    store = S3Store(
+        bucket,
+        "outage",
+        config=S3Config(part_size=5 << 20, concurrency=2, max_attempts=1, connect_timeout=1, read_timeout=5),
+    )
     store.put_bytes("kept", b"committed before the outage")
     src = tmp_path / "big.bin"
     src.write_bytes(os.urandom(40 << 20))
@@ -153,6 +155,7 @@ def test_stale_multipart_uploads_are_aborted(bucket):
 def test_boto_debug_logs_are_redacted(bucket, monkeypatch, caplog):
     """Even with DEBUG on for everything, no session token or signature reaches the log."""
     import logging
+
     monkeypatch.setenv("AWS_SESSION_TOKEN", "token-that-must-not-leak")
     caplog.set_level(logging.DEBUG)
     try:
@@ -180,10 +183,16 @@ def test_an_endpoint_that_is_not_s3_is_named_as_such(tmp_path):
 
     with socketserver.TCPServer(("127.0.0.1", 0), NotFound) as httpd:
         threading.Thread(target=httpd.serve_forever, daemon=True).start()
-        env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{httpd.server_address[1]}",
-               "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b", "AWS_DEFAULT_REGION": "us-east-1"}
-        res = subprocess.run([sys.executable, "-m", "ckptd.cli", "ls", "s3://b/run"], env=env,
-                             capture_output=True, text=True, timeout=60)
+        env = {
+            **os.environ,
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{httpd.server_address[1]}",
+            "AWS_ACCESS_KEY_ID": "a",
+            "AWS_SECRET_ACCESS_KEY": "b",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        res = subprocess.run(
+            [sys.executable, "-m", "ckptd.cli", "ls", "s3://b/run"], env=env, capture_output=True, text=True, timeout=60
+        )
         httpd.shutdown()
     assert res.returncode == 1
     assert "no S3 headers" in res.stderr and "AWS_ENDPOINT_URL" in res.stderr and "does not exist" not in res.stderr
@@ -192,10 +201,16 @@ def test_an_endpoint_that_is_not_s3_is_named_as_such(tmp_path):
 
 def test_an_unreachable_endpoint_fails_within_seconds_naming_it():
     """Tried as a new user would: the default configuration, through the CLI."""
-    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "a",
-           "AWS_SECRET_ACCESS_KEY": "b", "AWS_DEFAULT_REGION": "us-east-1"}
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+        "AWS_ACCESS_KEY_ID": "a",
+        "AWS_SECRET_ACCESS_KEY": "b",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
     t0 = time.monotonic()
-    res = subprocess.run([sys.executable, "-m", "ckptd.cli", "ls", "s3://b/run"], env=env, capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "ckptd.cli", "ls", "s3://b/run"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 1 and "cannot reach the S3 endpoint http://127.0.0.1:9" in res.stderr
     assert time.monotonic() - t0 < 8, "an unreachable endpoint must fail fast, not after retries and backoff"

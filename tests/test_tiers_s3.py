@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
+from _trainer import assert_same_state, read_losses, run_trainer
+from test_snapshot import ckpt_for, make, run, train_step
 
 import ckptd
 from ckptd.store.s3 import S3Store
-from _trainer import assert_same_state, read_losses, run_trainer
-from test_snapshot import ckpt_for, make, run, train_step
 
 ARGS = ("--steps", "24", "--policy", "every:4", "--width", "256")
 
@@ -34,17 +34,18 @@ def test_snapshots_become_durable_in_s3(bucket, tmp_path):
 def test_fresh_node_resumes_from_s3_bitwise(s3env, tmp_path):
     bucket = s3env.make_bucket()
     uri = f"s3://{bucket}/run"
-    ref = run_trainer(str(tmp_path / "ref"), *ARGS, "--out", str(tmp_path / "ref.pt"),
-                      "--loss-log", str(tmp_path / "ref.log"))
+    ref = run_trainer(
+        str(tmp_path / "ref"), *ARGS, "--out", str(tmp_path / "ref.pt"), "--loss-log", str(tmp_path / "ref.log")
+    )
     assert ref.returncode == 0
     env = {**s3env.env(), "CKPTD_LOCAL": str(tmp_path / "node-a")}
-    first = run_trainer(uri, *ARGS, "--loss-log", str(tmp_path / "run.log"), env=env,
-                        kill_on=r"step 15: durable")
+    first = run_trainer(uri, *ARGS, "--loss-log", str(tmp_path / "run.log"), env=env, kill_on=r"step 15: durable")
     assert first.killed_after is not None
     shutil.rmtree(tmp_path / "node-a")  # the node and its disk are gone
     env["CKPTD_LOCAL"] = str(tmp_path / "node-b")
-    second = run_trainer(uri, *ARGS, "--loss-log", str(tmp_path / "run.log"), "--out", str(tmp_path / "run.pt"),
-                         env=env)
+    second = run_trainer(
+        uri, *ARGS, "--loss-log", str(tmp_path / "run.log"), "--out", str(tmp_path / "run.pt"), env=env
+    )
     assert second.returncode == 0, "\n".join(second.lines[-20:])
     assert any("starting at step 16" in line for line in second.lines)
     assert_same_state(str(tmp_path / "ref.pt"), str(tmp_path / "run.pt"))
@@ -96,9 +97,10 @@ def test_outage_keeps_training_and_promotion_catches_up(s3env, tmp_path):
 
 
 def test_two_writers_of_one_step_commit_once(bucket, tmp_path):
-    from ckptd.store.file import FileStore
-    from ckptd.persist.transfer import upload_snapshot
     from ckptd.errors import SnapshotExists
+    from ckptd.persist.transfer import upload_snapshot
+    from ckptd.store.file import FileStore
+
     a, b = tmp_path / "a", tmp_path / "b"
     run(a, 2, policy="every:2")
     run(b, 2, policy="every:2")  # same step, another commit (its own created time)
@@ -111,6 +113,7 @@ def test_two_writers_of_one_step_commit_once(bucket, tmp_path):
 
 def test_two_gloo_ranks_promote_one_snapshot(s3env, tmp_path):
     from test_distributed import launch
+
     bucket = s3env.make_bucket()
     uri = f"s3://{bucket}/ddp"
     os.environ["CKPTD_LOCAL"] = str(tmp_path / "tier")
@@ -141,6 +144,7 @@ def test_load_reads_a_snapshot_that_is_only_in_s3(bucket, tmp_path):
 def test_slow_object_store_never_slows_training(s3env, tmp_path, monkeypatch):
     """S3 behind a proxy at 4 MiB/s with 20 ms per chunk: steps keep their pace, uploads finish later."""
     from _faultproxy import FaultProxy
+
     bucket = s3env.make_bucket()
     proxy = FaultProxy(int(s3env.endpoint.rsplit(":", 1)[1]))
     try:

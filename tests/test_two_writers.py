@@ -40,10 +40,20 @@ print("done")
 
 def race(store: str, extra: dict, env: dict) -> list[int]:
     start = time.time() + 2.0
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER.format(tests=os.path.dirname(__file__), start=start,
-                                                                    seed=i, store=store, extra=extra)],
-                              env={**os.environ, **env, "CKPTD_JOB": f"writer-{i}"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                WRITER.format(tests=os.path.dirname(__file__), start=start, seed=i, store=store, extra=extra),
+            ],
+            env={**os.environ, **env, "CKPTD_JOB": f"writer-{i}"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     codes = []
     for p in procs:
         out, _ = p.communicate(timeout=180)
@@ -65,8 +75,13 @@ def test_racing_writers_never_damage_a_committed_snapshot(kind, take_over, s3env
         assert 0 in codes or 4 in codes, codes
         if not take_over:
             assert codes.count(0) >= 1 and 4 not in codes, f"the lease holder finishes; the other is refused: {codes}"
-        res = subprocess.run([sys.executable, "-m", "ckptd.cli", "verify", store, "--all"], capture_output=True,
-                             text=True, timeout=120, env={**os.environ, **env})
+        res = subprocess.run(
+            [sys.executable, "-m", "ckptd.cli", "verify", store, "--all"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **env},
+        )
         assert res.returncode == 0, f"round {_round} {codes}:\n{res.stdout}{res.stderr}"
     committed = [i for i in ckptd.list_snapshots(store) if i.committed]
     assert committed, outcomes

@@ -40,15 +40,25 @@ class DaemonLink:
         self._last_beat = 0.0
 
     @classmethod
-    def connect(cls, path: str | None = None, *, rank: int = 0, devices: tuple[int, ...] = (),
-                store: str = "", local: str = "", job: str = "", world_size: int = 1) -> "DaemonLink | None":
+    def connect(
+        cls,
+        path: str | None = None,
+        *,
+        rank: int = 0,
+        devices: tuple[int, ...] = (),
+        store: str = "",
+        local: str = "",
+        job: str = "",
+        world_size: int = 1,
+    ) -> DaemonLink | None:
         """Register with the daemon at ``path`` (default: $CKPTD_SOCKET or the default socket); None if none."""
         path = path or default_socket()
         if not os.path.exists(path):
             log.info("ckptd: no daemon at %s: embedded mode", path)
             return None
-        register = Register(pid=os.getpid(), rank=rank, devices=tuple(devices), store=store, local=local, job=job,
-                            world_size=world_size)
+        register = Register(
+            pid=os.getpid(), rank=rank, devices=tuple(devices), store=store, local=local, job=job, world_size=world_size
+        )
         try:
             link = cls(open_socket(path), path, os.getpid(), register)
             reply = link.request(register)
@@ -89,8 +99,9 @@ class DaemonLink:
         self._sock = open_socket(self.path)
         reply = decode(self._exchange(self._register))
         if not isinstance(reply, Reply) or not reply.ok:
-            raise DaemonUnavailable(f"daemon at {self.path} refused to register us again: "
-                                    f"{getattr(reply, 'error', reply)}")
+            raise DaemonUnavailable(
+                f"daemon at {self.path} refused to register us again: {getattr(reply, 'error', reply)}"
+            )
         log.info("ckptd: connected to the daemon at %s again", self.path)
 
     def heartbeat(self, step: int, step_time: float | None, *, force: bool = False) -> Reply | None:
@@ -129,8 +140,9 @@ def open_socket(path: str, *, within: float = _CONNECT_WITHIN) -> socket.socket:
         except (BlockingIOError, InterruptedError) as e:
             sock.close()
             if time.monotonic() + delay > deadline:
-                raise DaemonUnavailable(f"daemon at {path} is too busy to accept a connection within {within:.0f} s "
-                                        f"({e.strerror or e})") from e
+                raise DaemonUnavailable(
+                    f"daemon at {path} is too busy to accept a connection within {within:.0f} s ({e.strerror or e})"
+                ) from e
             time.sleep(delay)
             delay = min(delay * 2, 0.25)
         except BaseException:

@@ -21,8 +21,11 @@ class Metrics:
         self.last_snapshot = g("ckptd_job_last_snapshot_step", "Newest snapshot a job committed", ["pid", "rank"])
         self.backlog = g("ckptd_upload_backlog", "Snapshots committed locally, not yet durable")
         self.gpu_state = g("ckptd_gpu_health", "0 ok, 1 application XID, 2 degraded, 3 fatal", ["gpu"])
-        self.gpu_info = g("ckptd_gpu_info", "Always 1: a GPU's identity in its labels",
-                          ["gpu", "name", "uuid", "pci_bus_id", "driver", "cuda"])
+        self.gpu_info = g(
+            "ckptd_gpu_info",
+            "Always 1: a GPU's identity in its labels",
+            ["gpu", "name", "uuid", "pci_bus_id", "driver", "cuda"],
+        )
         self.gpu_job = g("ckptd_gpu_job", "Always 1: a job's rank on a GPU", ["gpu", "uuid", "job", "pid", "rank"])
         self.bad = g("ckptd_bad_gpus", "GPUs marked bad")
         self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)

@@ -103,8 +103,15 @@ class NvmlHealthSource:
         for h in self.handles:
             pci = _read(n, "nvmlDeviceGetPciInfo", h, raw=True)
             bus_id = _text(getattr(pci, "busId", None)) if pci != NA else NA
-            out.append(GpuIdentity(name=_read(n, "nvmlDeviceGetName", h), uuid=_read(n, "nvmlDeviceGetUUID", h),
-                                   pci_bus_id=bus_id or NA, driver=driver, cuda=cuda))
+            out.append(
+                GpuIdentity(
+                    name=_read(n, "nvmlDeviceGetName", h),
+                    uuid=_read(n, "nvmlDeviceGetUUID", h),
+                    pci_bus_id=bus_id or NA,
+                    driver=driver,
+                    cuda=cuda,
+                )
+            )
         return out
 
     def _register_events(self) -> None:
@@ -167,10 +174,17 @@ class NvmlHealthSource:
         except n.NVMLError as e:
             report.signals["error"] = str(e)
             return
-        report.signals.update(ecc_uncorrected=unc, ecc_corrected=corr, remap_pending=bool(pending),
-                              remap_failed=bool(failed), retired_pending=bool(retired_pending),
-                              clock_reasons=reasons, temperature=temp, slowdown_temperature=slow_at,
-                              pcie_replays=replays)
+        report.signals.update(
+            ecc_uncorrected=unc,
+            ecc_corrected=corr,
+            remap_pending=bool(pending),
+            remap_failed=bool(failed),
+            retired_pending=bool(retired_pending),
+            clock_reasons=reasons,
+            temperature=temp,
+            slowdown_temperature=slow_at,
+            pcie_replays=replays,
+        )
         prev = self._prev.get(report.index, {"corr": corr, "replays": replays})
         self._prev[report.index] = {"corr": corr, "replays": replays}
         if unc > 0:
@@ -185,8 +199,12 @@ class NvmlHealthSource:
             report.add("degraded", f"PCIe replays: +{replays - prev['replays']}")
         if slow_at and temp >= slow_at - SLOWDOWN_MARGIN_C:
             report.add("degraded", f"temperature {temp} C near slowdown at {slow_at} C")
-        slow_mask = (n.nvmlClocksEventReasonHwSlowdown | n.nvmlClocksEventReasonHwThermalSlowdown
-                     | n.nvmlClocksEventReasonSwThermalSlowdown | n.nvmlClocksEventReasonHwPowerBrakeSlowdown)
+        slow_mask = (
+            n.nvmlClocksEventReasonHwSlowdown
+            | n.nvmlClocksEventReasonHwThermalSlowdown
+            | n.nvmlClocksEventReasonSwThermalSlowdown
+            | n.nvmlClocksEventReasonHwPowerBrakeSlowdown
+        )
         self._slow[report.index] = self._slow.get(report.index, 0) + 1 if reasons & slow_mask else 0
         if self._slow[report.index] >= SUSTAINED_POLLS:
             report.add("degraded", f"sustained clock slowdown (reasons 0x{reasons:x})")

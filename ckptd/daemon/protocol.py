@@ -138,21 +138,33 @@ def _check(msg: Any) -> None:
     for f in fields(msg):
         value = getattr(msg, f.name)
         if f.name in ("pid", "rank", "step", "world_size") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            isinstance(value, bool) or not isinstance(value, int) or value < 0
+        ):
             raise ProtocolError(f"{type(msg).__name__}.{f.name} must be an integer >= 0")
         if f.name in ("pid", "rank", "step", "world_size") and value >= 1 << 62:
             raise ProtocolError(f"{type(msg).__name__}.{f.name} {value} is out of range")
         if f.name in ("store", "path", "error", "local", "job") and (
-                not isinstance(value, str) or len(value) > MAX_TEXT):
+            not isinstance(value, str) or len(value) > MAX_TEXT
+        ):
             raise ProtocolError(f"{type(msg).__name__}.{f.name} must be a string of at most {MAX_TEXT} characters")
     if isinstance(msg, Register):
-        if not isinstance(msg.devices, (list, tuple)) or len(msg.devices) > MAX_DEVICES or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DEVICES for d in msg.devices):
+        if (
+            not isinstance(msg.devices, (list, tuple))
+            or len(msg.devices) > MAX_DEVICES
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < MAX_DEVICES for d in msg.devices)
+        ):
             raise ProtocolError(f"Register.devices must be a list of at most {MAX_DEVICES} device numbers")
         object.__setattr__(msg, "devices", tuple(msg.devices))
-    if isinstance(msg, Heartbeat) and msg.step_time is not None and (
-            isinstance(msg.step_time, bool) or not isinstance(msg.step_time, (int, float))
-            or not math.isfinite(msg.step_time) or msg.step_time < 0):
+    if (
+        isinstance(msg, Heartbeat)
+        and msg.step_time is not None
+        and (
+            isinstance(msg.step_time, bool)
+            or not isinstance(msg.step_time, (int, float))
+            or not math.isfinite(msg.step_time)
+            or msg.step_time < 0
+        )
+    ):
         raise ProtocolError("Heartbeat.step_time must be a finite number of seconds >= 0")
     if isinstance(msg, Reply):
         try:
@@ -161,7 +173,7 @@ def _check(msg: Any) -> None:
             raise ProtocolError(f"Reply: {e}") from None
 
 
-def _check_reply(msg: "Reply") -> None:
+def _check_reply(msg: Reply) -> None:
     cmds = tuple(Command(**c) if isinstance(c, dict) else c for c in msg.commands)
     if not all(isinstance(c, Command) and c.kind in _COMMANDS for c in cmds):
         raise ProtocolError("Reply.commands holds an unknown command")

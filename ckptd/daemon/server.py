@@ -13,7 +13,8 @@ import socket
 import socketserver
 import struct
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .protocol import ProtocolError, Reply, decode, encode, read_frame
 
@@ -48,15 +49,18 @@ class _Conn(socketserver.BaseRequestHandler):
             self._send(Reply(ok=False, error=f"uid {uid} may not talk to this daemon (uid {os.getuid()})"))
             return
         if not server.admit():
-            self._send(Reply(ok=False, error=f"the daemon serves at most {server.max_clients} connections at once; "
-                                             "retry later"))
+            self._send(
+                Reply(
+                    ok=False, error=f"the daemon serves at most {server.max_clients} connections at once; retry later"
+                )
+            )
             return
         try:
             self._serve(server, pid)
         finally:
             server.leave()
 
-    def _serve(self, server: "SocketServer", pid: int) -> None:
+    def _serve(self, server: SocketServer, pid: int) -> None:
         self.request.settimeout(server.idle_timeout)
         while True:
             try:

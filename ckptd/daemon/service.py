@@ -109,8 +109,9 @@ class Daemon:
         """Uploads and sweeps, run by one thread: nothing that touches the network holds ``_lock``."""
         self._worker = threading.Thread(target=self._work_loop, name="ckptd-daemon-work", daemon=True)
         self.nvml = NvmlHealthSource()
-        self.server = SocketServer(config.socket, self.handle, max_clients=config.max_clients,
-                                   idle_timeout=config.idle_timeout)
+        self.server = SocketServer(
+            config.socket, self.handle, max_clients=config.max_clients, idle_timeout=config.idle_timeout
+        )
         self._metrics = None
         if config.metrics_port is not None:
             from .metrics import Metrics
@@ -122,13 +123,23 @@ class Daemon:
     def handle(self, msg: Any, peer_pid: int) -> Reply:
         pid = getattr(msg, "pid", None)
         if pid is not None and not is_self_or_descendant(pid, peer_pid):
-            return Reply(ok=False, error=f"pid {pid} is neither this connection's process ({peer_pid}) nor one of "
-                                         "its children; a hook registers its own pid")
+            return Reply(
+                ok=False,
+                error=f"pid {pid} is neither this connection's process ({peer_pid}) nor one of "
+                "its children; a hook registers its own pid",
+            )
         with self._lock:
             if isinstance(msg, Register):
                 old = self.jobs.get(msg.pid)
-                job = Job(msg.pid, msg.rank, msg.devices, msg.store or (self.config.store or ""), msg.local, msg.job,
-                          msg.world_size)
+                job = Job(
+                    msg.pid,
+                    msg.rank,
+                    msg.devices,
+                    msg.store or (self.config.store or ""),
+                    msg.local,
+                    msg.job,
+                    msg.world_size,
+                )
                 if old is not None and (old.store, old.job) == (job.store, job.job):  # reconnected
                     job.step, job.commands, job.durable, job.failed = old.step, old.commands, old.durable, old.failed
                     job.last_snapshot = old.last_snapshot
@@ -137,7 +148,8 @@ class Daemon:
                 if self.faults.get(msg.job):
                     n = self.faults[msg.job]
                     self.jobs[msg.pid].commands.append(
-                        Command("failures", f"this daemon stopped job {msg.job} {n} time(s) for faults", n))
+                        Command("failures", f"this daemon stopped job {msg.job} {n} time(s) for faults", n)
+                    )
                 return Reply()
             if isinstance(msg, Status):
                 return Reply(status=self.status())
@@ -287,8 +299,10 @@ class Daemon:
         reason = f"GPU {r.index} degraded: {'; '.join(r.reasons)}"
         for job in self.jobs.values():
             if job.uses(r.index):
-                job.commands += [Command("raise_risk", reason, self.config.degraded_risk),
-                                 Command("snapshot_now", reason)]
+                job.commands += [
+                    Command("raise_risk", reason, self.config.degraded_risk),
+                    Command("snapshot_now", reason),
+                ]
         self._event("gpu degraded", gpu=r.index, reasons=r.reasons)
 
     def _watch_jobs(self) -> None:
@@ -328,14 +342,27 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {
-                "pid": os.getpid(), "uptime_s": time.monotonic() - self.started, "socket": self.config.socket,
+                "pid": os.getpid(),
+                "uptime_s": time.monotonic() - self.started,
+                "socket": self.config.socket,
                 "log": self.config.log_file,
                 "nvml": self.nvml.unavailable or "ok",
-                "jobs": [{"pid": j.pid, "rank": j.rank, "job": j.job, "step": j.step, "devices": list(j.devices),
-                          "step_time_s": statistics.median(j.step_times) if j.step_times else None,
-                          "last_snapshot": j.last_snapshot, "stopping": j.stop_reason or None,
-                          "silent_s": time.monotonic() - j.last_beat} for j in self.jobs.values()],
-                "gpus": [{**asdict(g), "jobs": self._jobs_on(g)} for g in self.gpus], "bad_gpus": self.bad_gpus,
+                "jobs": [
+                    {
+                        "pid": j.pid,
+                        "rank": j.rank,
+                        "job": j.job,
+                        "step": j.step,
+                        "devices": list(j.devices),
+                        "step_time_s": statistics.median(j.step_times) if j.step_times else None,
+                        "last_snapshot": j.last_snapshot,
+                        "stopping": j.stop_reason or None,
+                        "silent_s": time.monotonic() - j.last_beat,
+                    }
+                    for j in self.jobs.values()
+                ],
+                "gpus": [{**asdict(g), "jobs": self._jobs_on(g)} for g in self.gpus],
+                "bad_gpus": self.bad_gpus,
                 "backlog": sum(len(p.backlog) for p in list(self._uploaders.values())),
                 "host": asdict(host_report([os.path.dirname(self.config.socket)])),
                 "events": self.events[-20:],
@@ -344,8 +371,11 @@ class Daemon:
     def _jobs_on(self, gpu: GpuReport) -> list[dict[str, Any]]:
         """The jobs on ``gpu``: registered with it as a device, or seen computing on it by NVML."""
         seen = gpu.processes or []
-        return [{"job": j.job, "pid": j.pid, "rank": j.rank} for j in self.jobs.values()
-                if gpu.index in j.devices or any(is_self_or_descendant(p, j.pid) for p in seen)]
+        return [
+            {"job": j.job, "pid": j.pid, "rank": j.rank}
+            for j in self.jobs.values()
+            if gpu.index in j.devices or any(is_self_or_descendant(p, j.pid) for p in seen)
+        ]
 
     def _write_state(self) -> None:
         tmp = self.config.state_file + ".tmp"
@@ -374,7 +404,7 @@ def is_self_or_descendant(pid: int, ancestor: int) -> bool:
         try:
             with open(f"/proc/{pid}/stat", "rb") as f:
                 stat = f.read()
-            pid = int(stat[stat.rindex(b")") + 2:].split()[1])  # the field after the state letter: ppid
+            pid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # the field after the state letter: ppid
         except (OSError, ValueError, IndexError):
             return False
         seen += 1

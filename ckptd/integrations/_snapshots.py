@@ -35,7 +35,7 @@ def store_uri(store: str | None) -> str:
 
 
 def _committed(store: str) -> list[int]:
-    path = store[len("file://"):] if store.startswith("file://") else store
+    path = store[len("file://") :] if store.startswith("file://") else store
     if "://" not in path and not os.path.isdir(path):
         return []  # not made yet: no snapshot
     return [s.step for s in list_snapshots(open_store(store, create=False)) if s.committed]
@@ -92,6 +92,10 @@ def load_snapshot(store: str, step: int, local: str | None = None) -> dict[str, 
         return load(store, step=step)
     except (NoSnapshot, SnapshotCorrupt) as e:
         state = load(store)  # NoSnapshot when nothing verifies: the caller's error
-        log.warning("ckptd: snapshot of step %d cannot be used (%s); resuming from step %d instead",
-                    step, e, state["meta"]["step"])
+        log.warning(
+            "ckptd: snapshot of step %d cannot be used (%s); resuming from step %d instead",
+            step,
+            e,
+            state["meta"]["step"],
+        )
         return state

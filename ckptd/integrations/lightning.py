@@ -41,8 +41,9 @@ def _framework() -> Any:
         try:
             import lightning.pytorch as pl
         except ImportError:
-            raise ImportError("ckptd.integrations.lightning needs PyTorch Lightning: "
-                              "pip install 'ckptd[lightning]'") from None
+            raise ImportError(
+                "ckptd.integrations.lightning needs PyTorch Lightning: pip install 'ckptd[lightning]'"
+            ) from None
     return pl
 
 
@@ -129,16 +130,20 @@ class CkptdCallback(pl.Callback):
         rank = trainer.global_rank
         extra = _mine(state.get("extra"), rank)
         if not isinstance(extra, dict) or "lightning" not in extra:
-            raise IncompatibleSnapshot(f"{self.store}: snapshot of step {state['meta']['step']} was not taken by "
-                                       "ckptd's Lightning callback (it has no Lightning state); restore it with "
-                                       "ckptd.Checkpointer.restore() instead")
+            raise IncompatibleSnapshot(
+                f"{self.store}: snapshot of step {state['meta']['step']} was not taken by "
+                "ckptd's Lightning callback (it has no Lightning state); restore it with "
+                "ckptd.Checkpointer.restore() instead"
+            )
         checkpoint = dict(extra["lightning"])
         checkpoint["state_dict"] = state["model"]
         checkpoint["optimizer_states"] = _in_order(state.get("optimizer"))
         checkpoint["lr_schedulers"] = _in_order(state.get("scheduler"))
         checkpoint.setdefault("callbacks", {})[self.state_key] = {
-            "step": state["meta"]["step"], "rng": _mine(state.get("rng"), rank),
-            "loaders": _mine(state.get("loader"), rank) or {}}
+            "step": state["meta"]["step"],
+            "rng": _mine(state.get("rng"), rank),
+            "loaders": _mine(state.get("loader"), rank) or {},
+        }
         return checkpoint
 
     # -- snapshotting ---------------------------------------------------------------
@@ -156,13 +161,23 @@ class CkptdCallback(pl.Callback):
         optimizers = {str(i): o for i, o in enumerate(trainer.optimizers)} or None
         schedulers = {str(i): c.scheduler for i, c in enumerate(trainer.lr_scheduler_configs)} or None
         loaders = {str(i): dl for i, dl in enumerate(self._loaders)} or None
-        self.checkpointer = Checkpointer(self.store, model=pl_module, optimizer=optimizers, scheduler=schedulers,
-                                         loader=loaders, extra={"lightning": _LightningState(trainer)},
-                                         policy=self.policy, **self.options)
+        self.checkpointer = Checkpointer(
+            self.store,
+            model=pl_module,
+            optimizer=optimizers,
+            scheduler=schedulers,
+            loader=loaders,
+            extra={"lightning": _LightningState(trainer)},
+            policy=self.policy,
+            **self.options,
+        )
         self._last_step = trainer.global_step
         if self._resumed_from is None and self.resume_path() is not None:
-            warnings.warn(f"ckptd: {self.store} holds snapshots but fit() started from scratch; pass "
-                          "ckpt_path=callback.resume_path() to resume", stacklevel=2)
+            warnings.warn(
+                f"ckptd: {self.store} holds snapshots but fit() started from scratch; pass "
+                "ckpt_path=callback.resume_path() to resume",
+                stacklevel=2,
+            )
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -197,8 +212,10 @@ class _LightningState:
         return {k: v for k, v in full.items() if k not in _TENSOR_KEYS}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        raise IncompatibleSnapshot("Lightning state is restored by trainer.fit(ckpt_path=callback.resume_path()), "
-                                   "not by Checkpointer.restore()")
+        raise IncompatibleSnapshot(
+            "Lightning state is restored by trainer.fit(ckpt_path=callback.resume_path()), "
+            "not by Checkpointer.restore()"
+        )
 
 
 class _SnapshotIO(pl.plugins.CheckpointIO):

@@ -32,8 +32,9 @@ from . import _snapshots
 try:
     from transformers import TrainerCallback
 except ImportError:
-    raise ImportError("ckptd.integrations.transformers needs the Hugging Face Trainer: "
-                      "pip install 'ckptd[transformers]'") from None
+    raise ImportError(
+        "ckptd.integrations.transformers needs the Hugging Face Trainer: pip install 'ckptd[transformers]'"
+    ) from None
 
 log = logging.getLogger("ckptd")
 
@@ -71,8 +72,16 @@ class CkptdCallback(TrainerCallback):
 
     # -- snapshotting -----------------------------------------------------------
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
-                       lr_scheduler: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: Any = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **kwargs: Any,
+    ) -> None:
         from ..hook import Checkpointer
 
         if self.checkpointer is not None:
@@ -80,8 +89,15 @@ class CkptdCallback(TrainerCallback):
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
         lr_scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
         self._state = _TrainerStateJson(state, control)
-        self.checkpointer = Checkpointer(self.store, model=model, optimizer=optimizer, scheduler=lr_scheduler,
-                                         extra={"trainer_state": self._state}, policy=self.policy, **self.options)
+        self.checkpointer = Checkpointer(
+            self.store,
+            model=model,
+            optimizer=optimizer,
+            scheduler=lr_scheduler,
+            extra={"trainer_state": self._state},
+            policy=self.policy,
+            **self.options,
+        )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.checkpointer is None:
@@ -115,8 +131,10 @@ class _TrainerStateJson:
         return {"json": json.dumps(fields, indent=2, sort_keys=True) + "\n"}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        raise IncompatibleSnapshot("the Trainer's state is restored by trainer.train(resume_from_checkpoint="
-                                   "callback.resume_path()), not by Checkpointer.restore()")
+        raise IncompatibleSnapshot(
+            "the Trainer's state is restored by trainer.train(resume_from_checkpoint="
+            "callback.resume_path()), not by Checkpointer.restore()"
+        )
 
 
 def export_checkpoint(state: dict[str, Any], parent: str) -> str:
@@ -127,9 +145,11 @@ def export_checkpoint(state: dict[str, Any], parent: str) -> str:
     extra = state.get("extra") or {}
     ranks = sorted(extra)
     if not ranks or "trainer_state" not in extra[ranks[0]]:
-        raise IncompatibleSnapshot(f"snapshot of step {state['meta']['step']} was not taken by ckptd's Hugging "
-                                   "Face callback (it has no Trainer state); restore it with "
-                                   "ckptd.Checkpointer.restore() instead")
+        raise IncompatibleSnapshot(
+            f"snapshot of step {state['meta']['step']} was not taken by ckptd's Hugging "
+            "Face callback (it has no Trainer state); restore it with "
+            "ckptd.Checkpointer.restore() instead"
+        )
     text = extra[ranks[0]]["trainer_state"]["json"]
     path = os.path.join(parent, f"checkpoint-{json.loads(text)['global_step']}")
     os.makedirs(path)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from ..errors import ConfigError, SnapshotCorrupt, SnapshotExists, StoreError
 from ..snapshot.manifest import Manifest, attempt_prefix, manifest_key, step_dir
@@ -49,14 +49,17 @@ def parallel(fn: Callable[[str], None], names: list[str]) -> None:
             fut.result()
 
 
-def upload_part(remote: Store, directory: str, manifest: Manifest, data: bytes, rank: int, *,
-                progress: Progress | None = None) -> None:
+def upload_part(
+    remote: Store, directory: str, manifest: Manifest, data: bytes, rank: int, *, progress: Progress | None = None
+) -> None:
     """Phase 1 for one rank: its files under the attempt's prefix, then its part record."""
     if isinstance(remote, FileStore):
         raise ConfigError(f"{remote.uri} is a local store: snapshots are written there, not uploaded")
     if not manifest.attempt:
-        raise SnapshotCorrupt(f"step {manifest.step} in {directory} was written by an older ckptd without "
-                              "attempts; it can be restored locally but not uploaded")
+        raise SnapshotCorrupt(
+            f"step {manifest.step} in {directory} was written by an older ckptd without "
+            "attempts; it can be restored locally but not uploaded"
+        )
     names = [f.name for f in manifest.files_of(rank)]
     parallel(lambda n: remote.put_file(manifest.object_key(n), os.path.join(directory, n), progress=progress), names)
     remote.put_bytes(part_key(manifest.step, manifest.attempt, rank), PartRecord.of(manifest, data, rank).to_json())
@@ -72,8 +75,10 @@ def missing(remote: Store, manifest: Manifest, data: bytes) -> list[str]:
     problems = []
     for rank, key in enumerate(keys):
         if objects[key] > MAX_PART_BYTES:  # judged by its listed size, before reading a byte of it
-            problems.append(f"rank {rank}: {remote.uri}/{key} is {objects[key]} bytes, more than a part record "
-                            f"may be ({MAX_PART_BYTES}); remove it")
+            problems.append(
+                f"rank {rank}: {remote.uri}/{key} is {objects[key]} bytes, more than a part record "
+                f"may be ({MAX_PART_BYTES}); remove it"
+            )
             continue
         try:
             rec = PartRecord.from_json(remote.get_bytes(key), source=f"{remote.uri}/{key}")
@@ -87,8 +92,10 @@ def missing(remote: Store, manifest: Manifest, data: bytes) -> list[str]:
         for f in rec.files:
             size = objects.get(manifest.object_key(f.name))
             if size != f.size:
-                problems.append(f"rank {rank}: {f.name} " + ("missing" if size is None else
-                                                             f"has {size} bytes, its part says {f.size}"))
+                problems.append(
+                    f"rank {rank}: {f.name} "
+                    + ("missing" if size is None else f"has {size} bytes, its part says {f.size}")
+                )
     return problems
 
 
@@ -129,11 +136,18 @@ def _committed_here(remote: Store, manifest: Manifest, data: bytes) -> bool:
     except SnapshotCorrupt as e:
         gaps = [str(e)]
     if not gaps:
-        raise SnapshotExists(f"{remote.uri}/{step_dir(manifest.step)} holds another commit of step "
-                             f"{manifest.step} (attempt {other.attempt or '-'}, job {other.job or '-'}); "
-                             "a step is committed once, so this attempt was discarded")
-    log.warning("ckptd: %s/%s names a snapshot that is not whole (%s); removing that manifest so step %d "
-                "can be committed", remote.uri, key, gaps[0], manifest.step)
+        raise SnapshotExists(
+            f"{remote.uri}/{step_dir(manifest.step)} holds another commit of step "
+            f"{manifest.step} (attempt {other.attempt or '-'}, job {other.job or '-'}); "
+            "a step is committed once, so this attempt was discarded"
+        )
+    log.warning(
+        "ckptd: %s/%s names a snapshot that is not whole (%s); removing that manifest so step %d can be committed",
+        remote.uri,
+        key,
+        gaps[0],
+        manifest.step,
+    )
     remote.delete([key])
     return False
 

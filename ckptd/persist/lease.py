@@ -104,7 +104,7 @@ class Lease:
         me = psutil.Process()
         self.me = Holder(job, socket.gethostname(), me.pid, me.create_time(), ttl)
 
-    def acquire(self) -> "Lease":
+    def acquire(self) -> Lease:
         """Take the store, or raise StoreInUse naming the holder and how to take over."""
         for _ in range(8):
             gen, holder, why_free = self._current()
@@ -113,7 +113,8 @@ class Lease:
                 raise StoreInUse(
                     f"{self.store.uri} is in use by {holder.describe()}, renewed within the last "
                     f"{holder.ttl:.0f} s; a store belongs to one job: stop that job, or once it is gone pass "
-                    "take_over=True (ckptd run --take-over)")
+                    "take_over=True (ckptd run --take-over)"
+                )
             try:
                 self.store.commit(_key(gen + 1, "json"), json.dumps(asdict(self.me)).encode())
             except SnapshotExists:
@@ -155,8 +156,9 @@ class Lease:
             try:
                 self.store.put_bytes(_key(self.gen, "released"), b"")
             except (StoreError, OSError) as e:
-                log.warning("ckptd: could not release the lease on %s (%s); it expires in %.0f s",
-                            self.store.uri, e, self.ttl)
+                log.warning(
+                    "ckptd: could not release the lease on %s (%s); it expires in %.0f s", self.store.uri, e, self.ttl
+                )
         self.gen = None
 
     close = release
@@ -200,8 +202,7 @@ class Lease:
             if len(data) > _MAX_RECORD:
                 return None
             raw = json.loads(data)
-            h = Holder(str(raw["job"]), str(raw["host"]), int(raw["pid"]), float(raw["pid_started"]),
-                       float(raw["ttl"]))
+            h = Holder(str(raw["job"]), str(raw["host"]), int(raw["pid"]), float(raw["pid_started"]), float(raw["ttl"]))
             return h if h.ttl > 0 and h.ttl == h.ttl else None
         except (StoreError, ValueError, KeyError, TypeError):
             return None
@@ -219,8 +220,10 @@ class Lease:
         newer = [g for g, k in self._generations().items() if g > self.gen and "json" in k]
         if newer and self._lost is None:
             holder = self._holder(max(newer))
-            self._lost = (f"the lease on {self.store.uri} was taken over by "
-                          f"{holder.describe() if holder else 'another job'}; this job commits nothing more there")
+            self._lost = (
+                f"the lease on {self.store.uri} was taken over by "
+                f"{holder.describe() if holder else 'another job'}; this job commits nothing more there"
+            )
             log.error("ckptd: %s", self._lost)
         return bool(newer)
 

@@ -69,8 +69,11 @@ def plan(store: Store, rule: Retention, *, protect: frozenset[int] = frozenset()
     kept = set(committed[: rule.keep_last]) | set(protect)
     if rule.keep_every:
         kept |= {s for s in committed if s % rule.keep_every == 0}
-    stale = [s for s in steps if s not in committed and s not in protect
-             and now - max(o.mtime for o in objects[s]) >= rule.grace]
+    stale = [
+        s
+        for s in steps
+        if s not in committed and s not in protect and now - max(o.mtime for o in objects[s]) >= rule.grace
+    ]
     strays = [k for s in committed if s in kept for k in _losers(store, s, objects[s], rule.grace, now)]
     if isinstance(store, FileStore):
         strays += _dead_local(store, rule.grace, now, protect)
@@ -147,6 +150,11 @@ def apply(store: Store, rule: Retention, *, protect: frozenset[int] = frozenset(
         _delete_prefix(store, key)
     store.delete([k for k in p.strays if k not in local_dirs])
     if p.committed or p.incomplete or p.strays:
-        log.info("ckptd: retention removed steps %s (incomplete: %s; %d stray objects) from %s",
-                 p.committed, p.incomplete, len(p.strays), store.uri)
+        log.info(
+            "ckptd: retention removed steps %s (incomplete: %s; %d stray objects) from %s",
+            p.committed,
+            p.incomplete,
+            len(p.strays),
+            store.uri,
+        )
     return p

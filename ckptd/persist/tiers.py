@@ -45,8 +45,17 @@ def default_local_dir(uri: str, job: str | None = None) -> str:
 class Tiers:
     """The local tier, the optional remote one and the uploader between them. Thread-safe."""
 
-    def __init__(self, store: Store, *, local: str | None, rank: int, world_size: int,
-                 rule: retention.Retention, upload: UploadConfig | None = None, external: bool = False) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        local: str | None,
+        rank: int,
+        world_size: int,
+        rule: retention.Retention,
+        upload: UploadConfig | None = None,
+        external: bool = False,
+    ) -> None:
         self.rule = rule
         self.rank = rank
         self.world_size = world_size
@@ -58,8 +67,9 @@ class Tiers:
         self._uploader: Uploader | None = None
         if isinstance(store, FileStore):
             if local is not None:
-                raise ConfigError(f"local={local!r} applies to object stores; {store.uri} is already local: "
-                                  "drop local=")
+                raise ConfigError(
+                    f"local={local!r} applies to object stores; {store.uri} is already local: drop local="
+                )
             self.local, self.remote = store, None
             return
         self.local = FileStore(local or default_local_dir(store.uri))

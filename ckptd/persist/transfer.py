@@ -51,16 +51,20 @@ def download_snapshot(src: Store, step: int, dest: FileStore, *, progress: Progr
     if not isinstance(src, FileStore):  # judge each object by its listed size before fetching a byte
         sizes = {o.key: o.size for o in src.list(step_dir(step))}
         listed = {f.name: sizes.get(data_key(src, manifest, f.name)) for f in manifest.files}
-        wrong = [f"{f.name}: " + ("missing" if listed[f.name] is None else
-                                  f"{listed[f.name]} bytes, manifest says {f.size}")
-                 for f in manifest.files if listed[f.name] != f.size]
+        wrong = [
+            f"{f.name}: " + ("missing" if listed[f.name] is None else f"{listed[f.name]} bytes, manifest says {f.size}")
+            for f in manifest.files
+            if listed[f.name] != f.size
+        ]
         if wrong:
             raise SnapshotCorrupt(f"{src.uri}/{step_dir(step)} does not verify: " + "; ".join(wrong))
     work = os.path.join(dest.root, f"{DOWNLOADS}{step_dir(step)}-{uuid.uuid4().hex[:8]}")
     os.makedirs(work)
     try:
-        parallel(lambda n: src.get_file(data_key(src, manifest, n), os.path.join(work, n), progress=progress),
-                 [f.name for f in manifest.files])
+        parallel(
+            lambda n: src.get_file(data_key(src, manifest, n), os.path.join(work, n), progress=progress),
+            [f.name for f in manifest.files],
+        )
         problems = verify_dir(work, manifest)
         if problems:
             raise SnapshotCorrupt(f"{src.uri}/{step_dir(step)} does not verify: " + "; ".join(problems))
@@ -72,8 +76,9 @@ def download_snapshot(src: Store, step: int, dest: FileStore, *, progress: Progr
         try:
             rename_noreplace(work, final)
         except FileExistsError as e:
-            raise SnapshotExists(f"{final} appeared while downloading; remove it first or pick another "
-                                 "directory") from e
+            raise SnapshotExists(
+                f"{final} appeared while downloading; remove it first or pick another directory"
+            ) from e
         fsync_dir(dest.root)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # after a successful rename it no longer exists

@@ -15,9 +15,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import ConfigError, SnapshotCorrupt, SnapshotError, SnapshotExists, StoreError
 from ..snapshot.manifest import Manifest
@@ -80,8 +80,13 @@ class _Waiting:
 class Uploader:
     """Owns one upload thread for one object store; ``submit`` queues parts. Thread-safe."""
 
-    def __init__(self, remote: Store, *, config: UploadConfig | None = None,
-                 on_durable: Callable[[UploadJob], None] | None = None) -> None:
+    def __init__(
+        self,
+        remote: Store,
+        *,
+        config: UploadConfig | None = None,
+        on_durable: Callable[[UploadJob], None] | None = None,
+    ) -> None:
         self.remote = remote
         self.config = config or UploadConfig()
         self._on_durable = on_durable
@@ -114,8 +119,9 @@ class Uploader:
         """What step ``step`` waits for, in words."""
         with self._lock:
             if any(j.step == step for j in self._queued):
-                return "its upload is queued" + (f" (the store has failed for {self.outage_seconds:.0f} s)"
-                                                  if self._failing_since else "")
+                return "its upload is queued" + (
+                    f" (the store has failed for {self.outage_seconds:.0f} s)" if self._failing_since else ""
+                )
             for (s, _a), w in self._waiting.items():
                 if s == step:
                     return "; ".join(w.problems) or "waiting for the other ranks' parts"
@@ -169,8 +175,13 @@ class Uploader:
                     raise
                 except StoreError as e:
                     self._failing_since = self._failing_since or time.monotonic()
-                    log.warning("ckptd: upload of step %d failed (%s); retrying in %.1f s; backlog %s",
-                                job.step, e, delay, self.backlog)
+                    log.warning(
+                        "ckptd: upload of step %d failed (%s); retrying in %.1f s; backlog %s",
+                        job.step,
+                        e,
+                        delay,
+                        self.backlog,
+                    )
                     if self._stop.wait(delay):
                         raise SnapshotError(f"snapshot of step {job.step} was not promoted: uploader closed") from e
                     delay = min(delay * 2, self.config.retry_max)
@@ -186,8 +197,11 @@ class Uploader:
             key = (job.step, job.manifest.attempt)
             waiting = self._waiting.setdefault(key, _Waiting([], 0.0, now, self.config.poll))
             waiting.jobs.append(job)
-            waiting.deadline, waiting.next_check, waiting.interval = now + self.config.ranks_timeout, now, \
-                self.config.poll
+            waiting.deadline, waiting.next_check, waiting.interval = (
+                now + self.config.ranks_timeout,
+                now,
+                self.config.poll,
+            )
 
     def _check_waiting(self) -> None:
         now = time.monotonic()
@@ -205,15 +219,21 @@ class Uploader:
             if not w.problems:
                 self._settle(w.jobs, key=key)
             elif time.monotonic() > w.deadline:
-                self._settle(w.jobs, key=key, error=SnapshotError(
-                    f"snapshot of step {key[0]} was not committed in {self.remote.uri}: after "
-                    f"{self.config.ranks_timeout:.0f} s, " + "; ".join(w.problems)))
+                self._settle(
+                    w.jobs,
+                    key=key,
+                    error=SnapshotError(
+                        f"snapshot of step {key[0]} was not committed in {self.remote.uri}: after "
+                        f"{self.config.ranks_timeout:.0f} s, " + "; ".join(w.problems)
+                    ),
+                )
             else:
                 w.interval = min(w.interval * 1.5, self.config.poll_max)
                 w.next_check = time.monotonic() + w.interval
 
-    def _settle(self, jobs: list[UploadJob], *, error: BaseException | None = None,
-                key: tuple[int, str] | None = None) -> None:
+    def _settle(
+        self, jobs: list[UploadJob], *, error: BaseException | None = None, key: tuple[int, str] | None = None
+    ) -> None:
         with self._lock:
             if key is not None:
                 self._waiting.pop(key, None)
@@ -238,15 +258,18 @@ class Uploader:
             except queue.Empty:
                 break
             if job is not None:
-                self._settle([job], error=SnapshotError(f"snapshot of step {job.step} was not promoted: "
-                                                         "uploader closed"))
+                self._settle(
+                    [job], error=SnapshotError(f"snapshot of step {job.step} was not promoted: uploader closed")
+                )
         with self._lock:
             queued, self._queued = list(self._queued), []
             waiting, self._waiting = dict(self._waiting), {}
         for j in queued:
             j.future.set_exception(SnapshotError(f"snapshot of step {j.step} was not promoted: uploader closed"))
         for (step, _a), w in waiting.items():
-            err = SnapshotError(f"snapshot of step {step} was not committed in {self.remote.uri} before the "
-                                "uploader closed: " + ("; ".join(w.problems) or "other ranks' parts missing"))
+            err = SnapshotError(
+                f"snapshot of step {step} was not committed in {self.remote.uri} before the "
+                "uploader closed: " + ("; ".join(w.problems) or "other ranks' parts missing")
+            )
             for j in w.jobs:
                 j.future.set_exception(err)

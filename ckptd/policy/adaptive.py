@@ -58,8 +58,12 @@ class RiskAwarePolicy:
             raise ConfigError(f"max_interval={self.max_interval!r}: must be > 0 seconds")
         if self.restart < 0 or self.gpu_hour_usd <= 0 or self.keep_last < 1:
             raise ConfigError("restart >= 0, gpu_hour_usd > 0 and keep_last >= 1 are required")
-        self.rate = FailureRate(per_gpu_hour=self.fleet_rate, job_per_hour=self.job_rate,
-                                prior_failures=self.prior_failures, half_life=self.risk_half_life)
+        self.rate = FailureRate(
+            per_gpu_hour=self.fleet_rate,
+            job_per_hour=self.job_rate,
+            prior_failures=self.prior_failures,
+            half_life=self.risk_half_life,
+        )
         self._requested: str | None = None
         self._last_now: float | None = None
         self._last: dict[str, Any] = {}
@@ -80,11 +84,11 @@ class RiskAwarePolicy:
         decision = self.decide(ctx)
         return ctx.seconds_since is not None and ctx.seconds_since >= decision["interval"]
 
-    def raise_risk(self, factor: float, *, reason: str, now: float | None = None,
-                   half_life: float | None = None) -> None:
+    def raise_risk(
+        self, factor: float, *, reason: str, now: float | None = None, half_life: float | None = None
+    ) -> None:
         """Multiply the failure rate by ``factor`` (decaying); the next step re-decides."""
-        self.rate.raise_risk(factor, now=time.monotonic() if now is None else now, reason=reason,
-                             half_life=half_life)
+        self.rate.raise_risk(factor, now=time.monotonic() if now is None else now, reason=reason, half_life=half_life)
 
     def record_failure(self, count: int = 1) -> None:
         """The job failed ``count`` more times (restarts, faults): the rate estimate moves up."""
@@ -111,21 +115,42 @@ class RiskAwarePolicy:
         rate = self.rate.rate(ctx.gpus, ctx.now)
         mtbf = 1.0 / rate
         guess = self._last.get("interval") or self.max_interval
-        cost = snapshot_cost(stall=stall, nbytes=ctx.nbytes or 0, gpus=ctx.gpus, gpu_hour_usd=self.gpu_hour_usd,
-                             interval=guess, keep_last=self.keep_last, prices=self.prices)
+        cost = snapshot_cost(
+            stall=stall,
+            nbytes=ctx.nbytes or 0,
+            gpus=ctx.gpus,
+            gpu_hour_usd=self.gpu_hour_usd,
+            interval=guess,
+            keep_last=self.keep_last,
+            prices=self.prices,
+        )
         daly = optimal_interval(cost.total, mtbf)  # Daly's model, solved exactly: monotone in cost and risk
-        bounds = {"daly": daly, "persist": ctx.persist or 0.0,
-                  "stall budget": stall / self.stall_budget / risk if self.stall_budget and stall else 0.0}
+        bounds = {
+            "daly": daly,
+            "persist": ctx.persist or 0.0,
+            "stall budget": stall / self.stall_budget / risk if self.stall_budget and stall else 0.0,
+        }
         binding = max(bounds, key=bounds.get)
         interval = bounds[binding]
         if interval > self.max_interval:
             interval, binding = self.max_interval, "max interval"
         self._last = {
-            "interval": interval, "bound": binding, "daly": daly, "cost_s": cost.total, "stall_s": stall,
-            "money_s": cost.money_s, "dollars_per_snapshot": cost.dollars, "persist_s": ctx.persist,
-            "mtbf_s": mtbf, "risk": risk, "failures": self.rate.failures, "gpus": ctx.gpus,
-            "hardware_per_hour": self.rate.per_gpu_hour * ctx.gpus, "job_per_hour": self.rate.job_per_hour,
-            "per_hour": self.rate.posterior_per_hour(ctx.gpus), "hours_seen": self.rate.hours,
+            "interval": interval,
+            "bound": binding,
+            "daly": daly,
+            "cost_s": cost.total,
+            "stall_s": stall,
+            "money_s": cost.money_s,
+            "dollars_per_snapshot": cost.dollars,
+            "persist_s": ctx.persist,
+            "mtbf_s": mtbf,
+            "risk": risk,
+            "failures": self.rate.failures,
+            "gpus": ctx.gpus,
+            "hardware_per_hour": self.rate.per_gpu_hour * ctx.gpus,
+            "job_per_hour": self.rate.job_per_hour,
+            "per_hour": self.rate.posterior_per_hour(ctx.gpus),
+            "hours_seen": self.rate.hours,
             "signals": [s.reason for s in self.rate.signals],
             "expected_waste": expected_waste(max(interval, 1e-9), cost.total, mtbf, self.restart, ctx.persist or 0),
         }

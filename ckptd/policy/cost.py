@@ -49,8 +49,17 @@ class SnapshotCost:
         return self.stall + self.money_s
 
 
-def snapshot_cost(*, stall: float, nbytes: float, gpus: int, gpu_hour_usd: float, interval: float,
-                  keep_last: int = 3, requests: int | None = None, prices: PriceTable = PriceTable()) -> SnapshotCost:
+def snapshot_cost(
+    *,
+    stall: float,
+    nbytes: float,
+    gpus: int,
+    gpu_hour_usd: float,
+    interval: float,
+    keep_last: int = 3,
+    requests: int | None = None,
+    prices: PriceTable = PriceTable(),
+) -> SnapshotCost:
     """Stall plus money of one snapshot of ``nbytes`` taken every ``interval`` seconds.
 
     Retention holds ``keep_last`` snapshots, so each one is stored for about
@@ -60,7 +69,10 @@ def snapshot_cost(*, stall: float, nbytes: float, gpus: int, gpu_hour_usd: float
         raise ConfigError("snapshot_cost: stall, nbytes >= 0; gpus, keep_last >= 1; price and interval > 0")
     parts = requests if requests is not None else max(1, int(nbytes // (64 << 20)) + 2)
     gb = nbytes / _GB
-    dollars = (parts * prices.put_per_1000 / 1000.0 + gb * prices.transfer_in_gb
-               + gb * prices.storage_gb_month * keep_last * interval / _MONTH_S)
+    dollars = (
+        parts * prices.put_per_1000 / 1000.0
+        + gb * prices.transfer_in_gb
+        + gb * prices.storage_gb_month * keep_last * interval / _MONTH_S
+    )
     job_dollars_per_s = gpus * gpu_hour_usd / 3600.0
     return SnapshotCost(stall=stall, money_s=dollars / job_dollars_per_s, dollars=dollars)

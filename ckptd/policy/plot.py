@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .simulate import Row, Scenario, waste_curve
 
@@ -20,7 +20,7 @@ def plot_waste(sc: Scenario, rows: Sequence[Row], path: str, *, seeds: int = 10)
     from .interval import daly_interval
 
     top = 8 * daly_interval(sc.stall, sc.mtbf)
-    intervals = [x for x in (30.0 * 1.15 ** k for k in range(80)) if x <= top]
+    intervals = [x for x in (30.0 * 1.15**k for k in range(80)) if x <= top]
     curve = waste_curve(sc, intervals, seeds=seeds)
     styles = iter(["--", ":", "-."])
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
@@ -29,8 +29,13 @@ def plot_waste(sc: Scenario, rows: Sequence[Row], path: str, *, seeds: int = 10)
         if r.interval.endswith(" s"):
             ax.scatter(float(r.interval[:-2]) / 60, r.waste * 100, zorder=3, s=30, label=r.name)
         else:
-            ax.axhline(r.waste * 100, linestyle=next(styles, "--"), linewidth=1.2, color="C3",
-                       label=f"{r.name} (interval varies)")
+            ax.axhline(
+                r.waste * 100,
+                linestyle=next(styles, "--"),
+                linewidth=1.2,
+                color="C3",
+                label=f"{r.name} (interval varies)",
+            )
     ax.set_xscale("log")
     ax.set_ylim(0, min(100.0, 3 * min(curve) * 100))
     ax.set_xlabel("interval between snapshots (minutes, log scale)")

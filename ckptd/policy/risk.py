@@ -54,8 +54,9 @@ class FailureRate:
 
     def __post_init__(self) -> None:
         if not self.per_gpu_hour >= 0 or not self.job_per_hour >= 0 or not self.per_gpu_hour + self.job_per_hour > 0:
-            raise ConfigError(f"per_gpu_hour={self.per_gpu_hour!r}, job_per_hour={self.job_per_hour!r}: "
-                              "rates are >= 0 and not both 0")
+            raise ConfigError(
+                f"per_gpu_hour={self.per_gpu_hour!r}, job_per_hour={self.job_per_hour!r}: rates are >= 0 and not both 0"
+            )
         if not self.prior_failures > 0:
             raise ConfigError(f"prior_failures={self.prior_failures!r}: the prior's weight must be > 0")
         if not self.half_life > 0:

@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 from ..errors import ConfigError
-from .base import PolicyContext
 from .adaptive import RiskAwarePolicy
+from .base import PolicyContext
 from .interval import daly_interval, young_interval
 
 _EVAL_EVERY = 300.0
@@ -50,10 +50,18 @@ class Scenario:
     def __post_init__(self) -> None:
         if self.kind not in ("exponential", "weibull", "bursty", "trace"):
             raise ConfigError(f"Scenario.kind={self.kind!r}: exponential, weibull, bursty or trace")
-        if (self.gpus < 1 or self.per_gpu_hour < 0 or self.job_per_hour < 0 or self.hours <= 0 or self.stall < 0
-                or self.persist < 0 or not self.per_gpu_hour + self.job_per_hour > 0):
-            raise ConfigError("Scenario: gpus >= 1, failure rates >= 0 and not both 0, hours > 0, "
-                              "stall and persist >= 0")
+        if (
+            self.gpus < 1
+            or self.per_gpu_hour < 0
+            or self.job_per_hour < 0
+            or self.hours <= 0
+            or self.stall < 0
+            or self.persist < 0
+            or not self.per_gpu_hour + self.job_per_hour > 0
+        ):
+            raise ConfigError(
+                "Scenario: gpus >= 1, failure rates >= 0 and not both 0, hours > 0, stall and persist >= 0"
+            )
 
     @property
     def mtbf(self) -> float:
@@ -156,19 +164,32 @@ class Sim:
                 since = 0.0
         useful_h = max(progress, 1e-9) / 3600.0
         dollars = horizon / 3600.0 * sc.gpus * sc.gpu_hour_usd + snaps * sc.dollars_per_snapshot
-        return Result(1.0 - progress / horizon, stall / horizon, rework / horizon, restart / horizon, snaps,
-                      losses, dollars / (useful_h * sc.gpus))
+        return Result(
+            1.0 - progress / horizon,
+            stall / horizon,
+            rework / horizon,
+            restart / horizon,
+            snaps,
+            losses,
+            dollars / (useful_h * sc.gpus),
+        )
 
 
 def fixed(seconds: float) -> Interval:
     return lambda t, risk, sim: seconds
 
 
-def adaptive(sc: Scenario, budget: float | None = 0.02,
-             max_interval: float | None = None) -> tuple[Interval, Callable[[], None]]:
+def adaptive(
+    sc: Scenario, budget: float | None = 0.02, max_interval: float | None = None
+) -> tuple[Interval, Callable[[], None]]:
     """The real RiskAwarePolicy, told of degraded periods as the daemon would tell it."""
-    policy = RiskAwarePolicy(fleet_rate=sc.per_gpu_hour, job_rate=sc.job_per_hour, restart=sc.restart,
-                             stall_budget=budget, **({} if max_interval is None else {"max_interval": max_interval}))
+    policy = RiskAwarePolicy(
+        fleet_rate=sc.per_gpu_hour,
+        job_rate=sc.job_per_hour,
+        restart=sc.restart,
+        stall_budget=budget,
+        **({} if max_interval is None else {"max_interval": max_interval}),
+    )
     last = [0.0]
 
     def interval(t: float, risk: float, sim: Sim) -> float:
@@ -176,8 +197,17 @@ def adaptive(sc: Scenario, budget: float | None = 0.02,
             policy.raise_risk(risk, reason="degraded GPU", now=t)
         policy.rate.observe(t - last[0], sc.gpus, t)
         last[0] = t
-        ctx = PolicyContext(step=int(t / sc.step_time), now=t, steps_since=1, seconds_since=0.0,
-                            step_time=sc.step_time, stall=sc.stall, persist=sc.persist, in_flight=0, gpus=sc.gpus)
+        ctx = PolicyContext(
+            step=int(t / sc.step_time),
+            now=t,
+            steps_since=1,
+            seconds_since=0.0,
+            step_time=sc.step_time,
+            stall=sc.stall,
+            persist=sc.persist,
+            in_flight=0,
+            gpus=sc.gpus,
+        )
         return policy.decide(ctx)["interval"]
 
     return interval, policy.record_failure
@@ -205,13 +235,23 @@ def _row(name: str, interval: str, results: Sequence[Result]) -> Row:
     losses = sorted(x for r in results for x in r.losses)
     p95 = losses[min(len(losses) - 1, int(0.95 * len(losses)))] if losses else 0.0
     mean = statistics.fmean
-    return Row(name, interval, mean(w), ci, mean(r.stall for r in results), mean(r.rework for r in results),
-               mean(r.restart for r in results), mean(r.dollars_per_useful_gpu_hour for r in results),
-               mean(losses) if losses else 0.0, p95)
+    return Row(
+        name,
+        interval,
+        mean(w),
+        ci,
+        mean(r.stall for r in results),
+        mean(r.rework for r in results),
+        mean(r.restart for r in results),
+        mean(r.dollars_per_useful_gpu_hour for r in results),
+        mean(losses) if losses else 0.0,
+        p95,
+    )
 
 
-def simulate(sc: Scenario, *, seeds: int = 20, every_steps: int = 1000, budget: float = 0.02,
-             grid: Sequence[float] | None = None) -> list[Row]:
+def simulate(
+    sc: Scenario, *, seeds: int = 20, every_steps: int = 1000, budget: float = 0.02, grid: Sequence[float] | None = None
+) -> list[Row]:
     """Compare fixed, Young, Daly, CheckFreq-style, adaptive and the best fixed interval in hindsight."""
     tls = [timeline(sc, seed) for seed in range(seeds)]
     c, m = sc.stall, sc.mtbf
@@ -228,7 +268,7 @@ def simulate(sc: Scenario, *, seeds: int = 20, every_steps: int = 1000, budget: 
             interval, on_failure = adaptive(sc, b)
             runs.append(Sim(sc, tl, interval, on_failure).run())
         rows.append(_row(label, "varies", runs))
-    grid = grid or [60.0 * 1.15 ** k for k in range(60)]
+    grid = grid or [60.0 * 1.15**k for k in range(60)]
     best = min(grid, key=lambda sec: statistics.fmean(Sim(sc, tl, fixed(sec)).run().waste for tl in tls))
     rows.append(_row("best fixed (hindsight)", f"{best:.0f} s", [Sim(sc, tl, fixed(best)).run() for tl in tls]))
     return rows
@@ -248,14 +288,17 @@ def against_frameworks(sc: Scenario, *, sync_stall: float, epoch_steps: int, see
     tls = [timeline(sc, seed) for seed in range(seeds)]
     sync = replace(sc, stall=sync_stall)
     rows = []
-    for name, seconds in ((f"Lightning per epoch ({epoch_steps} steps)", epoch_steps * sc.step_time),
-                          ("HF Trainer every 500 steps", 500 * sc.step_time)):
+    for name, seconds in (
+        (f"Lightning per epoch ({epoch_steps} steps)", epoch_steps * sc.step_time),
+        ("HF Trainer every 500 steps", 500 * sc.step_time),
+    ):
         rows.append(_row(name, f"{seconds:.0f} s", [Sim(sync, tl, fixed(seconds)).run() for tl in tls]))
     hw_only = replace(sc, job_per_hour=0.0) if sc.per_gpu_hour > 0 else sc
     old, _ = adaptive(hw_only, 0.02, max_interval=6 * 3600.0)
     before = old(0.0, 1.0, None)
-    rows.append(_row("ckptd before (hardware only)", f"{before:.0f} s",
-                     [Sim(sc, tl, fixed(before)).run() for tl in tls]))
+    rows.append(
+        _row("ckptd before (hardware only)", f"{before:.0f} s", [Sim(sc, tl, fixed(before)).run() for tl in tls])
+    )
     runs, first = [], None
     for tl in tls:
         interval, on_failure = adaptive(sc, 0.02)

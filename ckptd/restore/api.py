@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import tempfile
+from typing import Any
 
 import torch
 
 from ..errors import NoSnapshot
-from ..snapshot.manifest import Manifest, step_dir
 from ..persist import retention
 from ..persist.tiers import Tiers
+from ..snapshot.manifest import Manifest, step_dir
 from ..store import open_store
 from ..store.file import FileStore
 from .fallback import newest_readable, refetching
@@ -26,8 +25,13 @@ def load(store: str, step: int | None = None, map_location: Any = "cpu") -> dict
     A snapshot only in an object store is downloaded (verified) to a temporary directory first."""
     opened = open_store(store, create=False)
     with tempfile.TemporaryDirectory(prefix="ckptd-load-") as tmp:
-        tiers = Tiers(opened, local=None if isinstance(opened, FileStore) else tmp, rank=0, world_size=1,
-                      rule=retention.Retention(keep_last=1))
+        tiers = Tiers(
+            opened,
+            local=None if isinstance(opened, FileStore) else tmp,
+            rank=0,
+            world_size=1,
+            rule=retention.Retention(keep_last=1),
+        )
         try:
             with checksums_on_load():  # verified and loaded with one read of each file
                 manifest, state = _newest_readable(tiers, step)
@@ -50,8 +54,7 @@ def _newest_readable(tiers: Tiers, step: int | None) -> tuple[Manifest, dict[str
     """The asked or newest snapshot that verifies and reads; NoSnapshot if the store holds none."""
     where = tiers.local.uri if tiers.remote is None else tiers.remote.uri
     read = refetching(tiers, lambda m: read_state(tiers.local.path_of(step_dir(m.step)), m))
-    manifest, state = newest_readable(lambda s, below: tiers.newest_good(s, below=below), read,
-                                      step=step, where=where)
+    manifest, state = newest_readable(lambda s, below: tiers.newest_good(s, below=below), read, step=step, where=where)
     if manifest is None:
         raise NoSnapshot(f"{where} holds no committed snapshot that verifies")
     return manifest, state

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ..errors import NoGoodSnapshot, SnapshotCorrupt, StoreError
 from ..snapshot.manifest import Manifest, manifest_key, step_dir
 
 
-def newest_readable(choose: Callable[[int | None, int | None], Manifest | None],
-                    read: Callable[[Manifest], Any], *, step: int | None, where: str,
-                    agree: Callable[[str | None], str | None] = lambda problem: problem,
-                    ) -> tuple[Manifest | None, Any]:
+def newest_readable(
+    choose: Callable[[int | None, int | None], Manifest | None],
+    read: Callable[[Manifest], Any],
+    *,
+    step: int | None,
+    where: str,
+    agree: Callable[[str | None], str | None] = lambda problem: problem,
+) -> tuple[Manifest | None, Any]:
     """``choose(step, below)`` a snapshot, ``read`` it; a read that fails (on any rank, through ``agree``)
     skips to an older one, unless ``step`` was asked for. (None, None) when there is none at all;
     NoGoodSnapshot naming each defect when every one failed to read."""
@@ -42,6 +47,7 @@ def refetching(tiers, read: Callable[[Manifest], Any]) -> Callable[[Manifest], A
     """``read`` a local copy; one that fails while it is read (its checksum is computed then) is downloaded
     again, once, when the object store holds the step. Single-process jobs only: the ranks of a node share
     its local tier, so there the next older snapshot is taken instead."""
+
     def run(manifest: Manifest) -> Any:
         try:
             return read(manifest)
@@ -53,6 +59,7 @@ def refetching(tiers, read: Callable[[Manifest], Any]) -> Callable[[Manifest], A
 
         retention.delete_snapshot(tiers.local, manifest.step)
         return read(tiers.ensure_local(manifest.step))
+
     return run
 
 

@@ -94,8 +94,19 @@ def list_snapshots(store: Store | str, *, tier: str | None = None) -> list[Snaps
         if state == "incomplete":
             detail, world = _what_is_missing(store, objs)
         created = min(o.mtime for o in objs)
-        out.append(SnapshotInfo(step, datetime.fromtimestamp(created, timezone.utc), sum(o.size for o in objs),
-                                False, (tier,), uri, world, state=state, detail=detail))
+        out.append(
+            SnapshotInfo(
+                step,
+                datetime.fromtimestamp(created, timezone.utc),
+                sum(o.size for o in objs),
+                False,
+                (tier,),
+                uri,
+                world,
+                state=state,
+                detail=detail,
+            )
+        )
     return out
 
 
@@ -119,6 +130,9 @@ def _what_is_missing(store: Store, objs: list) -> tuple[str, int | None]:
     lacking = [r for r in range(world) if r not in have]
     if lacking:
         more = f" and {len(lacking) - 8} more" if len(lacking) > 8 else ""
-        return f"no manifest; parts of {len(have)} of {world} ranks, missing rank(s) " \
-               f"{', '.join(map(str, lacking[:8]))}{more}", world
+        return (
+            f"no manifest; parts of {len(have)} of {world} ranks, missing rank(s) "
+            f"{', '.join(map(str, lacking[:8]))}{more}",
+            world,
+        )
     return f"no manifest; all {world} parts present (the commit is due or its writer died)", world

@@ -18,8 +18,9 @@ import io
 import mmap
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -44,19 +45,27 @@ class Destinations:
     _claimed: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     """Memory already given to an item, by storage: a tied weight is read into once, the other copy apart."""
 
-    def fit(self, manifest: Manifest) -> "Destinations | None":
+    def fit(self, manifest: Manifest) -> Destinations | None:
         """These destinations if the saved model has the same tensors (names and shapes) as the live one,
         else None: a snapshot that does not fit is then refused by the load without touching the model."""
+
         def model_of(pairs):
             return {fqn: tuple(shape) for fqn, shape in pairs if fqn.split(".", 1)[0] == "model"}
+
         saved = model_of((i.fqn, i.shape) for i in manifest.items if i.kind == "tensor")
         self._claimed.clear()  # a new read: nothing is claimed yet
         return self if saved == model_of((fqn, t.shape) for fqn, t in self.tensors.items()) else None
 
     def take(self, item: Item, dtype: torch.dtype) -> torch.Tensor | None:
         t = self.tensors.get(item.fqn)
-        if (t is None or t.device.type != "cpu" or t.dtype != dtype or tuple(t.shape) != item.chunk_sizes
-                or item.chunk_sizes != item.shape or not t.is_contiguous()):
+        if (
+            t is None
+            or t.device.type != "cpu"
+            or t.dtype != dtype
+            or tuple(t.shape) != item.chunk_sizes
+            or item.chunk_sizes != item.shape
+            or not t.is_contiguous()
+        ):
             return None
         start = t.data_ptr()
         end = start + t.nbytes
@@ -68,7 +77,10 @@ class Destinations:
 
 
 def read_state(
-    directory: str, manifest: Manifest, *, select: Callable[[Item], bool] = lambda _i: True,
+    directory: str,
+    manifest: Manifest,
+    *,
+    select: Callable[[Item], bool] = lambda _i: True,
     into: Destinations | None = None,
 ) -> dict[str, Any]:
     """The nested state saved in ``directory`` (tensors on CPU), for the selected items."""
@@ -108,8 +120,10 @@ class _FilePlan:
                 nbytes = _numel(item.chunk_sizes) * dtype.itemsize
                 start = item.data_offset
                 if not item.offset <= start <= start + nbytes <= item.offset + item.length:
-                    raise SnapshotCorrupt(f"{item.fqn}: its data at {start}+{nbytes} lies outside its record "
-                                          f"{item.offset}+{item.length} in {item.file}")
+                    raise SnapshotCorrupt(
+                        f"{item.fqn}: its data at {start}+{nbytes} lies outside its record "
+                        f"{item.offset}+{item.length} in {item.file}"
+                    )
                 live = into.take(item, dtype) if into is not None else None
                 if live is not None:
                     self.live.add(item.fqn)
@@ -131,7 +145,7 @@ class _FilePlan:
         scratch, at = memoryview(self._scratch), 0
         for (lo, hi), span in zip(gaps, spans + [None]):
             if hi > lo:
-                self.pieces.append(Piece(lo, scratch[at:at + hi - lo]))
+                self.pieces.append(Piece(lo, scratch[at : at + hi - lo]))
                 self._gaps.append((lo, hi, at))
                 at += hi - lo
             if span is not None:
@@ -149,8 +163,10 @@ class _FilePlan:
         finally:
             self.pieces = []  # the views into destinations and scratch go now
         if value != self.entry.checksum:
-            raise SnapshotCorrupt(f"{self.path} does not match the manifest ({algo} {value}; manifest says "
-                                  f"{self.entry.checksum}): it changed after it was written")
+            raise SnapshotCorrupt(
+                f"{self.path} does not match the manifest ({algo} {value}; manifest says "
+                f"{self.entry.checksum}): it changed after it was written"
+            )
 
     def values(self):
         """(item, value) of every item, each image record's header checked against the manifest."""
@@ -172,7 +188,8 @@ class _FilePlan:
         if header.dtype != dtype or header.shape != item.chunk_sizes or header.nbytes != nbytes:
             raise SnapshotCorrupt(
                 f"{item.fqn}: its record in {item.file} holds {tuple(header.shape)} {header.dtype}, the manifest "
-                f"says {item.chunk_sizes} {dtype}: the manifest does not describe the data")
+                f"says {item.chunk_sizes} {dtype}: the manifest does not describe the data"
+            )
 
     def _bytes(self, lo: int, hi: int, item: Item) -> bytes:
         """File bytes ``lo`` .. ``hi`` from scratch; SnapshotCorrupt when a tensor's data lies among them."""
@@ -182,7 +199,7 @@ class _FilePlan:
         if i < 0 or hi > self._gaps[i][1]:
             raise SnapshotCorrupt(f"{item.fqn}: its record in {item.file} overlaps another tensor's data")
         start, _end, at = self._gaps[i]
-        return self._scratch[at + lo - start:at + hi - start]
+        return self._scratch[at + lo - start : at + hi - start]
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
@@ -216,8 +233,7 @@ def _place(full: torch.Tensor | None, chunk: Any, item: Item) -> torch.Tensor:
     dtype = tensor_dtype(item.dtype)
     if tuple(chunk.shape) != item.chunk_sizes or chunk.dtype != dtype:
         raise SnapshotCorrupt(
-            f"{item.fqn}: stored chunk is {tuple(chunk.shape)} {chunk.dtype}, "
-            f"manifest says {item.chunk_sizes} {dtype}"
+            f"{item.fqn}: stored chunk is {tuple(chunk.shape)} {chunk.dtype}, manifest says {item.chunk_sizes} {dtype}"
         )
     if item.chunk_sizes == item.shape:
         return chunk

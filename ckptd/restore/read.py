@@ -13,8 +13,8 @@ two cores shared with training, memory bandwidth is the limit, not the CPU).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..errors import SnapshotCorrupt
 from ..store.checksum import Checksum
@@ -40,7 +40,7 @@ def _batches(pieces: Sequence[Piece]) -> list[list[Piece]]:
     size = 0
     for p in pieces:
         for start in range(0, len(p.view), BATCH):
-            sub = Piece(p.offset + start, p.view[start:start + BATCH])
+            sub = Piece(p.offset + start, p.view[start : start + BATCH])
             if run and (size + len(sub.view) > BATCH or len(run) == _IOV_MAX):
                 out.append(run)
                 run, size = [], 0
@@ -85,8 +85,9 @@ def read_pieces(path: str, pieces: Sequence[Piece], *, size: int, algo: str) -> 
         fd = f.fileno()
         actual = os.fstat(fd).st_size
         if actual != size:
-            raise SnapshotCorrupt(f"{path} is {actual} bytes, the manifest says {size}: it changed after it was "
-                                  "verified")
+            raise SnapshotCorrupt(
+                f"{path} is {actual} bytes, the manifest says {size}: it changed after it was verified"
+            )
         if hasattr(os, "posix_fadvise"):  # a larger readahead window: measured 0.75x the time from a cold cache
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         for run in _batches(pieces):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from ..errors import CkptdError
 from ..snapshot.manifest import Manifest, step_dir
@@ -72,6 +72,8 @@ def verify_dir(directory: str, manifest: Manifest) -> list[str]:
 def check_items(manifest: Manifest, sizes: dict[str, int]) -> list[str]:
     """Items whose bytes lie outside their file (``sizes``: file name → real size); the one bounds check
     that verify, restore and download share."""
-    return [f"{item.fqn}: bytes {item.offset}+{item.length} lie past the end of {item.file}"
-            for item in manifest.items
-            if item.kind != "empty" and item.file in sizes and item.offset + item.length > sizes[item.file]]
+    return [
+        f"{item.fqn}: bytes {item.offset}+{item.length} lie past the end of {item.file}"
+        for item in manifest.items
+        if item.kind != "empty" and item.file in sizes and item.offset + item.length > sizes[item.file]
+    ]

@@ -10,7 +10,8 @@ scheduler once (DCP dedups replicated values). A plain DataLoader, as
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -54,13 +55,12 @@ def _as_named(role: str, obj: Any) -> tuple[bool, dict[str, Any]]:
         obj = _adapt(role, obj)
     if not _has_state(obj):
         raise ConfigError(
-            f"{role}={type(obj).__name__} has no state_dict()/load_state_dict(); "
-            f"pass a torch object or a dict of them"
+            f"{role}={type(obj).__name__} has no state_dict()/load_state_dict(); pass a torch object or a dict of them"
         )
     return True, {"": obj}
 
 
-def _adapt(label: str, loader: Any) -> "_loader.LoaderPosition":
+def _adapt(label: str, loader: Any) -> _loader.LoaderPosition:
     """A plain DataLoader's tracked position; warns once, here, if it cannot resume exactly."""
     why = _loader.inexact_reason(loader)
     if why is not None:
@@ -71,8 +71,9 @@ def _adapt(label: str, loader: Any) -> "_loader.LoaderPosition":
 class TrainingState:
     """The registered objects; ``capture`` returns references, ``apply`` loads. Not thread-safe."""
 
-    def __init__(self, *, model: Any, optimizer: Any = None, scheduler: Any = None, extra: Any = None,
-                 loader: Any = None) -> None:
+    def __init__(
+        self, *, model: Any, optimizer: Any = None, scheduler: Any = None, extra: Any = None, loader: Any = None
+    ) -> None:
         if model is None:
             raise ConfigError("model is required: pass the module (or a dict of modules) to snapshot")
         model = {k: _unwrap(v) for k, v in model.items()} if isinstance(model, Mapping) else _unwrap(model)
@@ -173,9 +174,14 @@ def summarize(state: Mapping[str, Any]) -> dict[str, Any]:
     opt = state.get("optimizer")
     if isinstance(opt, Mapping):
         named = {"": opt} if "param_groups" in opt else opt
-        out["optimizer"] = {name: [{**{k: _plain(v) for k, v in g.items() if k != "params"},
-                                    "params": len(g.get("params", ()))} for g in sd.get("param_groups", ())]
-                            for name, sd in named.items() if isinstance(sd, Mapping)}
+        out["optimizer"] = {
+            name: [
+                {**{k: _plain(v) for k, v in g.items() if k != "params"}, "params": len(g.get("params", ()))}
+                for g in sd.get("param_groups", ())
+            ]
+            for name, sd in named.items()
+            if isinstance(sd, Mapping)
+        }
     for group in ("scheduler", "loader", "extra"):
         if group in state:
             out[group] = _plain(state[group])
@@ -221,12 +227,12 @@ def _check_module(label: str, module: torch.nn.Module, sd: Mapping[str, Any]) ->
     problems += [f"snapshot {label} has {k!r}, the model has not" for k in sd if k not in own]
     for k, v in own.items():
         if k in sd and isinstance(v, torch.Tensor) and isinstance(sd[k], torch.Tensor) and v.shape != sd[k].shape:
-            problems.append(
-                f"{label} {k!r}: snapshot has shape {tuple(sd[k].shape)}, the model has {tuple(v.shape)}"
-            )
+            problems.append(f"{label} {k!r}: snapshot has shape {tuple(sd[k].shape)}, the model has {tuple(v.shape)}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise IncompatibleSnapshot(
-            "snapshot does not fit the model: " + "; ".join(problems[:5]) + more
+            "snapshot does not fit the model: "
+            + "; ".join(problems[:5])
+            + more
             + ". Restore into the architecture it was saved from"
         )

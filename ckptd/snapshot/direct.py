@@ -15,9 +15,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from ..errors import SnapshotError
 from ..store.checksum import Checksum
@@ -77,8 +77,9 @@ class DirectWriter:
         self._refused: set[int] = set()
         """File systems (st_dev) that refused O_DIRECT: said once, then written buffered."""
 
-    def write(self, path: str, segments: Sequence[Segment], size: int, *, algo: str,
-              hook: Hook | None = None) -> Written:
+    def write(
+        self, path: str, segments: Sequence[Segment], size: int, *, algo: str, hook: Hook | None = None
+    ) -> Written:
         """Write ``segments`` as the file ``path`` of ``size`` bytes; return its checksum and the path taken."""
         for seg in segments:
             if seg.offset % ALIGN or len(seg.view) % ALIGN:
@@ -91,9 +92,11 @@ class DirectWriter:
             except OSError:
                 pass
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SnapshotError(f"no space left on the device of {os.path.dirname(path)} for "
-                                    f"{os.path.basename(path)} ({size} bytes): the local tier is full; free "
-                                    "space there or point local= at a larger disk") from e
+                raise SnapshotError(
+                    f"no space left on the device of {os.path.dirname(path)} for "
+                    f"{os.path.basename(path)} ({size} bytes): the local tier is full; free "
+                    "space there or point local= at a larger disk"
+                ) from e
             raise SnapshotError(f"cannot write {path}: {e.strerror or e}") from e
 
     def _write(self, path: str, segments: Sequence[Segment], size: int, algo: str, hook: Hook | None) -> Written:
@@ -107,7 +110,7 @@ class DirectWriter:
             for seg in segments:
                 for start in range(0, len(seg.view), CHUNK):
                     offset = seg.offset + start
-                    chunk = seg.view[start:start + CHUNK]
+                    chunk = seg.view[start : start + CHUNK]
                     self._checksum(cs, offset, chunk, size, hook)
                     while len(pending) >= self._depth:
                         direct = pending.pop(0).result() and direct
@@ -140,9 +143,11 @@ class DirectWriter:
     def _note_refusal(self, path: str) -> None:
         dev = _device(path)
         if dev not in self._refused:
-            log.warning("ckptd: the file system of %s refuses O_DIRECT; snapshots there are written through the "
-                        "page cache, which costs training memory bandwidth (put local= on a disk file system)",
-                        os.path.dirname(path))
+            log.warning(
+                "ckptd: the file system of %s refuses O_DIRECT; snapshots there are written through the "
+                "page cache, which costs training memory bandwidth (put local= on a disk file system)",
+                os.path.dirname(path),
+            )
         self._refused.add(dev)
 
     def _pwrite(self, fd: int, chunk: memoryview, offset: int, direct_path: str) -> bool:
@@ -165,7 +170,7 @@ class DirectWriter:
     @staticmethod
     def _checksum(cs: Checksum, offset: int, chunk: memoryview, size: int, hook: Hook | None) -> None:
         for p in range(0, len(chunk), _PIECE):
-            piece = chunk[p:p + _PIECE]
+            piece = chunk[p : p + _PIECE]
             if hook is not None:
                 hook(offset + p, piece)
             keep = max(0, min(len(piece), size - offset - p))  # bytes past the file's end are padding
@@ -175,7 +180,7 @@ class DirectWriter:
     def close(self) -> None:
         self._io.shutdown(wait=True)
 
-    def __enter__(self) -> "DirectWriter":
+    def __enter__(self) -> DirectWriter:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -48,8 +48,12 @@ class FailureLog:
             if n == 1:
                 warnings.warn(str(err), SnapshotFailedWarning, stacklevel=4)
             elif n == 2 or _power_of_ten(n):
-                warnings.warn(f"{err} (the same failure {n} times so far; reported again at the "
-                              f"{'10th' if n < 10 else f'{n * 10}th'})", SnapshotFailedWarning, stacklevel=4)
+                warnings.warn(
+                    f"{err} (the same failure {n} times so far; reported again at the "
+                    f"{'10th' if n < 10 else f'{n * 10}th'})",
+                    SnapshotFailedWarning,
+                    stacklevel=4,
+                )
             else:
                 log.debug("ckptd: %s (repeat %d)", err, n)
 

@@ -9,8 +9,9 @@ rebuilds int-keyed optimizer state exactly.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -38,9 +39,7 @@ def flatten(state: Mapping[str, Any]) -> list[Leaf]:
         _walk((("d", key),), value, leaves)
     for leaf in leaves:
         if leaf.fqn in seen:
-            raise ConfigError(
-                f"two saved values share the name {leaf.fqn!r}; rename a key in the state dicts"
-            )
+            raise ConfigError(f"two saved values share the name {leaf.fqn!r}; rename a key in the state dicts")
         seen[leaf.fqn] = leaf.path
     return leaves
 
@@ -52,8 +51,7 @@ def _walk(path: Path, value: Any, out: list[Leaf]) -> None:
         for k, v in value.items():
             if isinstance(k, bool) or not isinstance(k, (str, int)):
                 raise ConfigError(
-                    f"key {k!r} under {_fqn(path)!r} is a {type(k).__name__}; "
-                    "state dict keys must be str or int"
+                    f"key {k!r} under {_fqn(path)!r} is a {type(k).__name__}; state dict keys must be str or int"
                 )
             _walk(path + (("d", k),), v, out)
     elif isinstance(value, (list, tuple)) and _holds_tensor(value):
@@ -105,7 +103,7 @@ def unflatten(pairs: Iterable[tuple[Path, Any]]) -> dict[str, Any]:
     tuples: list[tuple[Any, Any]] = []
     for path, value in pairs:
         node = root
-        for depth, (kind, key) in enumerate(path):
+        for depth, (_kind, key) in enumerate(path):
             last = depth == len(path) - 1
             child_kind = None if last else path[depth + 1][0]
             if last:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -92,7 +92,7 @@ class _Sparse(io.RawIOBase):
         for off, data, size in self._parts:
             lo, hi = max(off, self._pos), min(off + size, self._pos + n)
             if data is not None and lo < hi:
-                out[lo - self._pos:hi - self._pos] = data[lo - off:hi - off]
+                out[lo - self._pos : hi - self._pos] = data[lo - off : hi - off]
         self._pos += n
         return n
 
@@ -120,7 +120,7 @@ def make_template(shape: Sequence[int], dtype: torch.dtype) -> RecordTemplate:
     pos = suffix.find(name, entry)
     while pos >= 0:
         head = pos - 46
-        if head >= 0 and suffix[head:head + 4] == b"PK\x01\x02" and suffix[head + 16:head + 20] == crc:
+        if head >= 0 and suffix[head : head + 4] == b"PK\x01\x02" and suffix[head + 16 : head + 20] == crc:
             at.append(head + 16)
             break
         pos = suffix.find(name, pos + 1)
@@ -198,9 +198,9 @@ def plan(specs: Sequence[tuple[str, Sequence[int], torch.dtype]], templates: Tem
 def fill_headers(image: memoryview, layout: Layout) -> None:
     """Write every record's constant bytes into the image (once, when the pool is laid out)."""
     for p in layout.placed:
-        image[p.offset:p.data] = p.template.prefix
+        image[p.offset : p.data] = p.template.prefix
         end = p.data + p.nbytes
-        image[end:end + len(p.template.suffix)] = p.template.suffix
+        image[end : end + len(p.template.suffix)] = p.template.suffix
 
 
 def object_record(value) -> bytes:
@@ -238,17 +238,17 @@ def read_header(prefix: bytes | memoryview, cache: dict | None = None) -> Record
     if len(prefix) < 30 or prefix[:4] != _LOCAL:
         raise ValueError("no zip entry at the record's start")
     name_len, extra_len = struct.unpack_from("<HH", prefix, 26)
-    first = prefix[30:30 + name_len]
+    first = prefix[30 : 30 + name_len]
     if not first.endswith(b"/data.pkl"):
         raise ValueError(f"the record's first entry is {first[:64]!r}, not data.pkl")
     last = prefix.rfind(_LOCAL)
     if last <= 0 or len(prefix) - last < 30:
         raise ValueError("no data entry before the tensor's data")
     d_name, d_extra = struct.unpack_from("<HH", prefix, last + 26)
-    data_name = prefix[last + 30:last + 30 + d_name]
-    if data_name != first[:-len(b"data.pkl")] + b"data/0" or last + 30 + d_name + d_extra != len(prefix):
+    data_name = prefix[last + 30 : last + 30 + d_name]
+    if data_name != first[: -len(b"data.pkl")] + b"data/0" or last + 30 + d_name + d_extra != len(prefix):
         raise ValueError("the tensor's data does not start where its record's data entry does")
-    header = _unpickle_header(prefix[30 + name_len + extra_len:last])
+    header = _unpickle_header(prefix[30 + name_len + extra_len : last])
     if cache is not None:
         cache[prefix] = header
     return header

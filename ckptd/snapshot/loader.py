@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import copy
 import weakref
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -36,16 +37,20 @@ def inexact_reason(loader: DataLoader) -> str | None:
     if not isinstance(ds, IterableDataset):
         return None
     if not (callable(getattr(ds, "state_dict", None)) and callable(getattr(ds, "load_state_dict", None))):
-        return (f"its dataset {type(ds).__name__} is an IterableDataset without state_dict(); a resumed run "
-                "starts its data from the beginning. Give the dataset state_dict()/load_state_dict() or use "
-                "torchdata's StatefulDataLoader")
+        return (
+            f"its dataset {type(ds).__name__} is an IterableDataset without state_dict(); a resumed run "
+            "starts its data from the beginning. Give the dataset state_dict()/load_state_dict() or use "
+            "torchdata's StatefulDataLoader"
+        )
     if loader.num_workers > 0:
-        return (f"its IterableDataset {type(ds).__name__} runs in {loader.num_workers} worker processes, where "
-                "its state lives; use num_workers=0 or torchdata's StatefulDataLoader")
+        return (
+            f"its IterableDataset {type(ds).__name__} runs in {loader.num_workers} worker processes, where "
+            "its state lives; use num_workers=0 or torchdata's StatefulDataLoader"
+        )
     return None
 
 
-def adapt(loader: DataLoader) -> "LoaderPosition":
+def adapt(loader: DataLoader) -> LoaderPosition:
     """The loader's position, tracked from now on (the loader stays a DataLoader of its own class)."""
     pos = loader.__dict__.get("_ckptd_position")
     if pos is None:
@@ -83,8 +88,13 @@ class LoaderPosition:
         if it is None or self._start is None or consumed >= _length(loader):
             # Between epochs: the next iter() starts from the generators as they are now.
             return {"version": VERSION, "epochs": self._epochs, "mid_epoch": False, **_read_states(loader)}
-        return {"version": VERSION, "epochs": self._epochs, "mid_epoch": True, "consumed": consumed,
-                **copy.deepcopy(self._start)}
+        return {
+            "version": VERSION,
+            "epochs": self._epochs,
+            "mid_epoch": True,
+            "consumed": consumed,
+            **copy.deepcopy(self._start),
+        }
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         loader = self._loader()
@@ -108,8 +118,7 @@ class LoaderPosition:
     def summary(self) -> dict[str, Any]:
         """Plain values for ``ckptd inspect``: epochs started and batches consumed in this one."""
         sd = self.state_dict()
-        return {"epochs_started": sd["epochs"], "batches_consumed": sd.get("consumed", 0),
-                "mid_epoch": sd["mid_epoch"]}
+        return {"epochs_started": sd["epochs"], "batches_consumed": sd.get("consumed", 0), "mid_epoch": sd["mid_epoch"]}
 
     # -- what iter(loader) runs ----------------------------------------------
 
@@ -148,7 +157,7 @@ class _SkipFirst:
         self.n = n
         self._wrapped: dict[int, _SkippingSampler] = {}
 
-    def around(self, inner: Any) -> "_SkippingSampler":
+    def around(self, inner: Any) -> _SkippingSampler:
         return self._wrapped.setdefault(id(inner), _SkippingSampler(inner, self))
 
 
@@ -194,7 +203,7 @@ class _Skipping:
         except StopIteration:
             pass
 
-    def __iter__(self) -> "_Skipping":
+    def __iter__(self) -> _Skipping:
         return self
 
     def __next__(self) -> Any:
@@ -211,16 +220,25 @@ def _tracked_class(cls: type) -> type:
     if cls.__dict__.get("_ckptd_tracked"):
         return cls
     if cls not in _CLASSES:
+
         def __iter__(self):  # noqa: N807
             return self.__dict__["_ckptd_position"].iterate(self, lambda: cls.__iter__(self))
 
         def _index_sampler(self):
             return self.__dict__["_ckptd_position"].index_sampler(cls._index_sampler.fget(self))
 
-        _CLASSES[cls] = type(cls.__name__, (cls,), {
-            "__iter__": __iter__, "_index_sampler": property(_index_sampler), "_ckptd_tracked": True,
-            "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-            "__doc__": cls.__doc__})
+        _CLASSES[cls] = type(
+            cls.__name__,
+            (cls,),
+            {
+                "__iter__": __iter__,
+                "_index_sampler": property(_index_sampler),
+                "_ckptd_tracked": True,
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+                "__doc__": cls.__doc__,
+            },
+        )
     return _CLASSES[cls]
 
 
@@ -239,8 +257,11 @@ def _samplers(loader: DataLoader) -> dict[str, Any]:
     """The samplers whose state decides the order, by role, each object once."""
     found: dict[str, Any] = {}
     bs = loader.batch_sampler
-    for role, obj in (("sampler", loader.sampler), ("batch_sampler", bs),
-                      ("batch_sampler.sampler", getattr(bs, "sampler", None))):
+    for role, obj in (
+        ("sampler", loader.sampler),
+        ("batch_sampler", bs),
+        ("batch_sampler.sampler", getattr(bs, "sampler", None)),
+    ):
         if obj is not None and all(obj is not o for o in found.values()):
             found[role] = obj
     return found
@@ -260,10 +281,16 @@ def _read_states(loader: DataLoader) -> dict[str, Any]:
     return {
         "torch_rng": torch.get_rng_state(),
         "generators": {r: g.get_state() for r, g in _generators(loader).items()},
-        "samplers": {r: copy.deepcopy(s.state_dict()) for r, s in samplers.items()
-                     if callable(getattr(s, "state_dict", None)) and callable(getattr(s, "load_state_dict", None))},
-        "sampler_epochs": {r: s.epoch for r, s in samplers.items()
-                           if callable(getattr(s, "set_epoch", None)) and isinstance(getattr(s, "epoch", None), int)},
+        "samplers": {
+            r: copy.deepcopy(s.state_dict())
+            for r, s in samplers.items()
+            if callable(getattr(s, "state_dict", None)) and callable(getattr(s, "load_state_dict", None))
+        },
+        "sampler_epochs": {
+            r: s.epoch
+            for r, s in samplers.items()
+            if callable(getattr(s, "set_epoch", None)) and isinstance(getattr(s, "epoch", None), int)
+        },
     }
 
 
@@ -288,4 +315,5 @@ def _check_same_shape(loader: DataLoader, states: dict[str, Any]) -> None:
             if role not in have[kind]:
                 raise IncompatibleSnapshot(
                     f"the snapshot's loader position has a {kind[:-1].replace('_', ' ')} at {role!r} that this "
-                    f"DataLoader has not; build the loader as it was when the snapshot was taken")
+                    f"DataLoader has not; build the loader as it was when the snapshot was taken"
+                )

@@ -23,10 +23,28 @@ MANIFEST = "ckptd.json"
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_FILE_BYTES = 1 << 46
 """No data file of a snapshot is larger (64 TiB): a manifest declaring more is damaged or hostile."""
-ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "complex128": 16, "complex64": 8,
-            "complex32": 4, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint64": 8, "uint32": 4, "uint16": 2,
-            "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1,
-            "float8_e5m2fnuz": 1}
+ITEMSIZE = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "complex128": 16,
+    "complex64": 8,
+    "complex32": 4,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint64": 8,
+    "uint32": 4,
+    "uint16": 2,
+    "uint8": 1,
+    "bool": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+}
 """Bytes per element of every dtype a snapshot may hold, by the name the manifest uses (no torch here)."""
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
 _ATTEMPT = re.compile(r"^[0-9a-f]{8,32}$")
@@ -145,7 +163,7 @@ class Manifest:
         return json.dumps({**body, "digest": _digest(body)}, separators=(",", ":"), allow_nan=False).encode()
 
     @staticmethod
-    def from_json(data: bytes, *, source: str = "manifest") -> "Manifest":
+    def from_json(data: bytes, *, source: str = "manifest") -> Manifest:
         """Parse and validate; any defect raises SnapshotCorrupt naming ``source``."""
         if len(data) > MAX_MANIFEST_BYTES:
             raise SnapshotCorrupt(f"{source} is {len(data)} bytes, larger than any real manifest")
@@ -196,9 +214,8 @@ def _parse(raw: dict, source: str) -> Manifest:
         raise ValueError(f"a file names a rank >= world_size {m.world_size}")
     for item in items:
         if item.kind == "tensor" and item.nbytes > m.nbytes:
-            raise ValueError(f"tensor {item.fqn!r} declares {item.nbytes} bytes, more than the snapshot's "
-                             f"{m.nbytes}")
-    m.created_at  # validates the timestamp
+            raise ValueError(f"tensor {item.fqn!r} declares {item.nbytes} bytes, more than the snapshot's {m.nbytes}")
+    _ = m.created_at  # validates the timestamp
     return m
 
 

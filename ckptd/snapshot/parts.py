@@ -50,16 +50,23 @@ class PartRecord:
     format: str = PART_FORMAT
 
     @classmethod
-    def of(cls, manifest: Manifest, data: bytes, rank: int) -> "PartRecord":
+    def of(cls, manifest: Manifest, data: bytes, rank: int) -> PartRecord:
         """Rank ``rank``'s record of ``manifest`` (deterministic: any uploader builds the same bytes)."""
-        return cls(manifest.step, manifest.attempt, rank, manifest.world_size, manifest.job,
-                   manifest_digest(data), manifest.files_of(rank))
+        return cls(
+            manifest.step,
+            manifest.attempt,
+            rank,
+            manifest.world_size,
+            manifest.job,
+            manifest_digest(data),
+            manifest.files_of(rank),
+        )
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
     @staticmethod
-    def from_json(data: bytes, *, source: str) -> "PartRecord":
+    def from_json(data: bytes, *, source: str) -> PartRecord:
         """Parse and validate one record; any defect raises SnapshotCorrupt naming ``source``."""
         if len(data) > MAX_PART_BYTES:
             raise SnapshotCorrupt(f"{source} is {len(data)} bytes, larger than any real part record")
@@ -86,9 +93,11 @@ class PartRecord:
     def mismatch(self, manifest: Manifest, data: bytes) -> str | None:
         """Why this record does not belong to ``manifest``, or None when it does."""
         if (self.step, self.attempt, self.world_size) != (manifest.step, manifest.attempt, manifest.world_size):
-            return (f"belongs to step {self.step}, attempt {self.attempt}, world size {self.world_size}; "
-                    f"the snapshot is step {manifest.step}, attempt {manifest.attempt}, "
-                    f"world size {manifest.world_size}")
+            return (
+                f"belongs to step {self.step}, attempt {self.attempt}, world size {self.world_size}; "
+                f"the snapshot is step {manifest.step}, attempt {manifest.attempt}, "
+                f"world size {manifest.world_size}"
+            )
         if self.manifest != manifest_digest(data):
             return "belongs to another manifest"
         if set(self.files) != set(manifest.files_of(self.rank)):

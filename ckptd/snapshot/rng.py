@@ -58,12 +58,14 @@ def restore_rng(state: dict[str, Any], *, reseed: int) -> list[str]:
             np.random.seed(reseed % 2**32)
             notes.append("NumPy generator not in snapshot: reseeded")
         else:
-            np.random.set_state({
-                "bit_generator": s["bit_generator"],
-                "state": {"key": s["key"].numpy().astype(np.uint32), "pos": s["pos"]},
-                "has_gauss": s["has_gauss"],
-                "gauss": s["gauss"],
-            })
+            np.random.set_state(
+                {
+                    "bit_generator": s["bit_generator"],
+                    "state": {"key": s["key"].numpy().astype(np.uint32), "pos": s["pos"]},
+                    "has_gauss": s["has_gauss"],
+                    "gauss": s["gauss"],
+                }
+            )
     if torch.cuda.is_available():
         notes += _restore_cuda(state.get("cuda") or [], reseed)
     return notes

@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import mmap
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import psutil
 import torch
@@ -74,15 +75,18 @@ class FileImage:
 
 
 def _at(base: torch.Tensor, p: Placed) -> torch.Tensor:
-    return base[p.data:p.data + p.nbytes].view(p.dtype).view(p.shape)
+    return base[p.data : p.data + p.nbytes].view(p.dtype).view(p.shape)
 
 
 def _register(base: torch.Tensor) -> bool:
     """Page-lock the image for the CUDA driver; False (and a log line) if it refuses."""
     err = torch.cuda.cudart().cudaHostRegister(base.data_ptr(), base.numel(), 0)
     if int(err) != 0:
-        log.warning("ckptd: cudaHostRegister of the %.2f GiB staging pool failed (%s); copies from the GPU "
-                    "will be synchronous", base.numel() / _GiB, err)
+        log.warning(
+            "ckptd: cudaHostRegister of the %.2f GiB staging pool failed (%s); copies from the GPU will be synchronous",
+            base.numel() / _GiB,
+            err,
+        )
         return False
     return True
 
@@ -172,8 +176,9 @@ class HostPool:
         if old is not None:
             old.close()
         self.image = FileImage(layout, pin=self.pin)
-        log.info("ckptd: staging pool %.2f GiB, laid out as the file image%s", size / _GiB,
-                 " (pinned)" if self.pin else "")
+        log.info(
+            "ckptd: staging pool %.2f GiB, laid out as the file image%s", size / _GiB, " (pinned)" if self.pin else ""
+        )
         return self.image
 
     def _plain_for(self, specs: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
@@ -244,7 +249,7 @@ class ThreadStager:
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 
-    def __enter__(self) -> "ThreadStager":
+    def __enter__(self) -> ThreadStager:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -298,7 +303,7 @@ class CudaStager:
     def close(self) -> None:
         self._waiter.shutdown(wait=True)
 
-    def __enter__(self) -> "CudaStager":
+    def __enter__(self) -> CudaStager:
         return self
 
     def __exit__(self, *exc) -> None:

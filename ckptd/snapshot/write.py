@@ -18,8 +18,9 @@ import socket
 import time
 import uuid
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -158,10 +159,12 @@ def _item(index, info, meta, path) -> Item:
 
 def checksum_files(directory: str, ranks: Ranks, algo: str = DEFAULT_ALGO) -> list[FileEntry]:
     """Checksums of every rank's files, gathered; rank 0 also owns DCP's ``.metadata``."""
+
     def mine() -> list[dict]:
         prefix = f"__{ranks.rank}_"
-        names = sorted(n for n in os.listdir(directory) if n.startswith(prefix)
-                       or (ranks.rank == 0 and n == ".metadata"))
+        names = sorted(
+            n for n in os.listdir(directory) if n.startswith(prefix) or (ranks.rank == 0 and n == ".metadata")
+        )
         entries = []
         for name in names:
             value, size = file_checksum(os.path.join(directory, name), algo)
@@ -172,7 +175,13 @@ def checksum_files(directory: str, ranks: Ranks, algo: str = DEFAULT_ALGO) -> li
 
 
 def build_manifest(
-    step: int, files: list[FileEntry], items: list[Item], ranks: Ranks, *, metrics: dict, meta: dict,
+    step: int,
+    files: list[FileEntry],
+    items: list[Item],
+    ranks: Ranks,
+    *,
+    metrics: dict,
+    meta: dict,
     attempt: str = "",
 ) -> Manifest:
     return Manifest(
@@ -190,9 +199,11 @@ def build_manifest(
     )
 
 
-def _agree_manifest(step: int, files: list[FileEntry], items: list[Item], ranks: Ranks, attempt: str, *,
-                    metrics: dict, meta: dict) -> tuple[Manifest, bytes]:
+def _agree_manifest(
+    step: int, files: list[FileEntry], items: list[Item], ranks: Ranks, attempt: str, *, metrics: dict, meta: dict
+) -> tuple[Manifest, bytes]:
     """Rank 0 builds the manifest; every rank gets the same bytes (they are committed by whoever can)."""
+
     def build() -> bytes | None:
         if ranks.rank != 0:
             return None
@@ -202,8 +213,9 @@ def _agree_manifest(step: int, files: list[FileEntry], items: list[Item], ranks:
     return Manifest.from_json(data, source=f"manifest of step {step}"), data
 
 
-def _finish(store: FileStore, directory: str, commit: LocalCommit, ranks: Ranks,
-            fence: Callable[[], None] | None) -> str:
+def _finish(
+    store: FileStore, directory: str, commit: LocalCommit, ranks: Ranks, fence: Callable[[], None] | None
+) -> str:
     """The node leader writes the manifest and renames the attempt into place; returns the final path."""
     m = commit.manifest
     final = store.path_of(step_dir(m.step) if ranks.whole else partial_dir(m.step, m.attempt))
@@ -218,15 +230,25 @@ def _finish(store: FileStore, directory: str, commit: LocalCommit, ranks: Ranks,
     try:
         rename_noreplace(directory, final)
     except FileExistsError as e:
-        raise SnapshotExists(f"{store.uri}/{step_dir(m.step)} is already committed by another writer; "
-                             "a step is committed once, so this attempt was discarded") from e
+        raise SnapshotExists(
+            f"{store.uri}/{step_dir(m.step)} is already committed by another writer; "
+            "a step is committed once, so this attempt was discarded"
+        ) from e
     fsync_dir(os.path.dirname(final))
     return final
 
 
 def write_snapshot(
-    store: FileStore, step: int, leaves: Sequence[Leaf], ranks: Ranks, *, metrics: dict, meta: dict,
-    fence: Callable[[], None] | None = None, image: FileImage | None = None, writer: DirectWriter | None = None,
+    store: FileStore,
+    step: int,
+    leaves: Sequence[Leaf],
+    ranks: Ranks,
+    *,
+    metrics: dict,
+    meta: dict,
+    fence: Callable[[], None] | None = None,
+    image: FileImage | None = None,
+    writer: DirectWriter | None = None,
 ) -> LocalCommit:
     """Write, checksum and commit one snapshot into a local store; every rank calls it.
 
@@ -253,12 +275,18 @@ def write_snapshot(
         meta = {**meta, "write_s": time.monotonic() - t0, "io": io}
         manifest, data = _agree_manifest(step, files, items, ranks, attempt, metrics=metrics, meta=meta)
         part = PartRecord.of(manifest, data, ranks.rank)
-        _in_each(ranks, "writing its part record",
-                 lambda: _write_synced(os.path.join(directory, part_name(ranks.rank)), part.to_json()))
+        _in_each(
+            ranks,
+            "writing its part record",
+            lambda: _write_synced(os.path.join(directory, part_name(ranks.rank)), part.to_json()),
+        )
         log.debug("ckptd: step %d: files written, committing", step)
         commit = LocalCommit(manifest, data, directory, ranks.whole)
-        finals = _in_each(ranks, "committing its local tier",
-                          lambda: _finish(store, directory, commit, ranks, fence) if ranks.node_leader else None)
+        finals = _in_each(
+            ranks,
+            "committing its local tier",
+            lambda: _finish(store, directory, commit, ranks, fence) if ranks.node_leader else None,
+        )
         committed = True
     finally:
         if not committed and ranks.node_leader:

@@ -15,13 +15,19 @@ import pickle
 import struct
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata, ChunkStorageMetadata, Metadata, MetadataIndex, StorageMeta, TensorProperties,
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
     TensorStorageMetadata,
 )
 
@@ -72,7 +78,7 @@ class RecordCrc:
                 return
             lo, hi = max(offset, p.data), min(end, p.data + p.nbytes)
             if lo < hi:
-                self._crc = zlib.crc32(piece[lo - offset:hi - offset], self._crc)
+                self._crc = zlib.crc32(piece[lo - offset : hi - offset], self._crc)
             if p.data + p.nbytes > end:
                 return
             self._finish(p)
@@ -94,8 +100,9 @@ class ImageWrite:
     io: str
 
 
-def write_image(directory: str, leaves: Sequence[Leaf], image: FileImage, writer: DirectWriter, *,
-                rank: int, algo: str) -> ImageWrite:
+def write_image(
+    directory: str, leaves: Sequence[Leaf], image: FileImage, writer: DirectWriter, *, rank: int, algo: str
+) -> ImageWrite:
     """Write the data file and ``.metadata`` of a single-rank snapshot into ``directory``."""
     name = data_file(rank)
     layout = image.layout
@@ -103,7 +110,7 @@ def write_image(directory: str, leaves: Sequence[Leaf], image: FileImage, writer
     records = [object_record(leaf.value) for leaf in objects]
     tail, placed_objects = _tail(records, layout.size)
     size = layout.size + sum(len(r) for r in records) if records else _tensor_end(layout)
-    segments = [Segment(0, image.view[:layout.size])] if layout.size else []
+    segments = [Segment(0, image.view[: layout.size])] if layout.size else []
     tail_view = memoryview(tail) if tail is not None else None
     if tail_view is not None:
         segments.append(Segment(layout.size, tail_view))
@@ -119,7 +126,10 @@ def write_image(directory: str, leaves: Sequence[Leaf], image: FileImage, writer
     _write_synced(os.path.join(directory, DCP_METADATA), md)
     cs = Checksum(algo)
     cs.update(md)
-    files = [FileEntry(DCP_METADATA, len(md), cs.hexdigest(), rank), FileEntry(name, written.size, written.checksum, rank)]
+    files = [
+        FileEntry(DCP_METADATA, len(md), cs.hexdigest(), rank),
+        FileEntry(name, written.size, written.checksum, rank),
+    ]
     return ImageWrite(items, files, written.io)
 
 
@@ -135,24 +145,36 @@ def _tail(records: list[bytes], start: int) -> tuple[mmap.mmap | None, list[tupl
     buf = mmap.mmap(-1, align_up(total, ALIGN))
     placed, pos = [], 0
     for r in records:
-        buf[pos:pos + len(r)] = r
+        buf[pos : pos + len(r)] = r
         placed.append((start + pos, len(r)))
         pos += len(r)
     return buf, placed
 
 
-def _items(leaves: Sequence[Leaf], layout: Layout, objects: list[Leaf], placed_objects: list[tuple[int, int]],
-           name: str) -> list[Item]:
+def _items(
+    leaves: Sequence[Leaf], layout: Layout, objects: list[Leaf], placed_objects: list[tuple[int, int]], name: str
+) -> list[Item]:
     where = {leaf.fqn: at for leaf, at in zip(objects, placed_objects)}
     items = []
     for leaf in leaves:
         if isinstance(leaf.value, torch.Tensor):
             p = layout.by_fqn[leaf.fqn]
-            items.append(Item(
-                fqn=leaf.fqn, path=leaf.path, kind="tensor", file=name, offset=p.offset, length=p.length,
-                shape=p.shape, dtype=str(p.dtype).removeprefix("torch."), nbytes=p.nbytes,
-                chunk_offsets=(0,) * len(p.shape), chunk_sizes=p.shape, data_offset=p.data,
-            ))
+            items.append(
+                Item(
+                    fqn=leaf.fqn,
+                    path=leaf.path,
+                    kind="tensor",
+                    file=name,
+                    offset=p.offset,
+                    length=p.length,
+                    shape=p.shape,
+                    dtype=str(p.dtype).removeprefix("torch."),
+                    nbytes=p.nbytes,
+                    chunk_offsets=(0,) * len(p.shape),
+                    chunk_sizes=p.shape,
+                    data_offset=p.data,
+                )
+            )
         elif leaf.fqn in where:
             offset, length = where[leaf.fqn]
             items.append(Item(fqn=leaf.fqn, path=leaf.path, kind="object", file=name, offset=offset, length=length))
@@ -177,12 +199,18 @@ def _dcp_metadata(items: list[Item]) -> Metadata:
         size = torch.Size(item.shape)
         offsets = torch.Size(item.chunk_offsets)
         sd_meta[item.fqn] = TensorStorageMetadata(
-            properties=TensorProperties(dtype=getattr(torch, item.dtype)), size=size,
+            properties=TensorProperties(dtype=getattr(torch, item.dtype)),
+            size=size,
             chunks=[ChunkStorageMetadata(offsets=offsets, sizes=size)],
         )
         storage[MetadataIndex(item.fqn, offsets, 0)] = info
-    return Metadata(state_dict_metadata=sd_meta, planner_data=None, storage_data=storage,
-                    storage_meta=StorageMeta(save_id=str(uuid.uuid4())), version="1.0.0")
+    return Metadata(
+        state_dict_metadata=sd_meta,
+        planner_data=None,
+        storage_data=storage,
+        storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
+        version="1.0.0",
+    )
 
 
 def _is_empty(value: Any) -> bool:

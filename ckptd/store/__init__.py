@@ -20,7 +20,7 @@ def open_store(uri: str, *, create: bool = True) -> Store:
 
         return S3Store.from_uri(uri, create=create)
     if uri.startswith("file://"):
-        path = uri[len("file://"):]
+        path = uri[len("file://") :]
         if not path.startswith("/"):
             raise ConfigError(f"store {uri!r}: file:// URIs need an absolute path (file:///abs/path)")
         return FileStore(path, create=create)

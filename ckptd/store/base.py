@@ -6,8 +6,9 @@ collapses the ``//`` and a key is not a local path on every backend.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 Progress = Callable[[int], None]
 """Called with the number of bytes just transferred."""

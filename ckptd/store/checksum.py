@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mmap
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import ConfigError
 from .file import open_regular

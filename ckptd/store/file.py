@@ -9,7 +9,8 @@ import shutil
 import stat
 import tempfile
 import uuid
-from typing import BinaryIO, Sequence
+from collections.abc import Sequence
+from typing import BinaryIO
 
 from ..errors import SnapshotExists, StoreError, StoreUnreachable, UnsafeSnapshot
 from .base import ObjectInfo, Progress
@@ -65,8 +66,10 @@ def open_regular(path: str) -> BinaryIO:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise UnsafeSnapshot(f"{path} is a symbolic link; ckptd reads only regular files from a store, "
-                                 "so replace it with the file itself") from e
+            raise UnsafeSnapshot(
+                f"{path} is a symbolic link; ckptd reads only regular files from a store, "
+                "so replace it with the file itself"
+            ) from e
         raise
     try:
         mode = os.fstat(fd).st_mode
@@ -81,9 +84,14 @@ def open_regular(path: str) -> BinaryIO:
 
 def file_kind(mode: int) -> str:
     """What a non-regular file is, in words."""
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symbolic link"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -102,9 +110,7 @@ class FileStore:
         if create:
             self._check_writable()
         elif not os.path.isdir(self.root):
-            raise StoreUnreachable(
-                f"store {self.root!r} does not exist; check the path or create it"
-            )
+            raise StoreUnreachable(f"store {self.root!r} does not exist; check the path or create it")
 
     def _check_writable(self) -> None:
         try:

@@ -18,9 +18,7 @@ def check_key(key: str) -> str:
     if len(key.encode()) > _MAX_KEY:
         raise UnsafeSnapshot(f"invalid key {key[:60]!r}...: longer than {_MAX_KEY} bytes")
     if "\\" in key or "\x00" in key or key.startswith("/") or key.endswith("/"):
-        raise UnsafeSnapshot(
-            f"invalid key {key!r}: keys are relative, '/'-separated, without backslash or NUL"
-        )
+        raise UnsafeSnapshot(f"invalid key {key!r}: keys are relative, '/'-separated, without backslash or NUL")
     if any(part in ("", ".", "..") for part in key.split("/")):
         raise UnsafeSnapshot(f"invalid key {key!r}: '.', '..' and empty segments are not allowed")
     return key

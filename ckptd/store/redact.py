@@ -14,12 +14,28 @@ _PATTERNS = [
     (re.compile(r"(Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
     (re.compile(r"(X-Amz-Signature=)[0-9a-f]+", re.I), r"\1<redacted>"),
     (re.compile(r"(Credential=)[^/'\"\s,]+", re.I), r"\1<redacted>"),
-    (re.compile(r"(aws_secret_access_key|aws_session_token|SecretAccessKey|SessionToken)(['\"]?\s*[:=]\s*['\"]?)"
-                r"[^'\"&\s,}]+", re.I), r"\1\2<redacted>"),
+    (
+        re.compile(
+            r"(aws_secret_access_key|aws_session_token|SecretAccessKey|SessionToken)(['\"]?\s*[:=]\s*['\"]?)"
+            r"[^'\"&\s,}]+",
+            re.I,
+        ),
+        r"\1\2<redacted>",
+    ),
 ]
-_LOGGERS = ("botocore", "botocore.endpoint", "botocore.auth", "botocore.hooks", "botocore.parsers",
-            "botocore.credentials", "botocore.httpsession", "botocore.retryhandler", "boto3",
-            "urllib3.connectionpool", "s3transfer")
+_LOGGERS = (
+    "botocore",
+    "botocore.endpoint",
+    "botocore.auth",
+    "botocore.hooks",
+    "botocore.parsers",
+    "botocore.credentials",
+    "botocore.httpsession",
+    "botocore.retryhandler",
+    "boto3",
+    "urllib3.connectionpool",
+    "s3transfer",
+)
 
 
 def redact(text: str) -> str:

@@ -14,9 +14,10 @@ import ipaddress
 import logging
 import os
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import boto3
@@ -98,22 +99,28 @@ class S3Store:
         redact.install()
         self.endpoint = _endpoint() or "AWS default endpoint"
         addressing = "path" if _is_loopback_or_ip(_endpoint()) else "auto"
-        self._client = boto3.session.Session().client("s3", config=Config(
-            s3={"addressing_style": addressing},
-            retries={"max_attempts": self.config.max_attempts, "mode": "standard"},
-            max_pool_connections=self.config.concurrency * 2 + 4,
-            connect_timeout=self.config.connect_timeout,
-            read_timeout=self.config.read_timeout,
-        ))
+        self._client = boto3.session.Session().client(
+            "s3",
+            config=Config(
+                s3={"addressing_style": addressing},
+                retries={"max_attempts": self.config.max_attempts, "mode": "standard"},
+                max_pool_connections=self.config.concurrency * 2 + 4,
+                connect_timeout=self.config.connect_timeout,
+                read_timeout=self.config.read_timeout,
+            ),
+        )
         _without_expect_continue(self._client)
-        self._transfers = TransferManager(self._client, TransferConfig(
-            multipart_threshold=self.config.part_size + 1,
-            multipart_chunksize=self.config.part_size,
-            max_request_concurrency=self.config.concurrency,
-            max_in_memory_upload_chunks=self.config.concurrency * 2,
-            max_in_memory_download_chunks=self.config.concurrency * 2,
-            num_download_attempts=self.config.max_attempts,
-        ))
+        self._transfers = TransferManager(
+            self._client,
+            TransferConfig(
+                multipart_threshold=self.config.part_size + 1,
+                multipart_chunksize=self.config.part_size,
+                max_request_concurrency=self.config.concurrency,
+                max_in_memory_upload_chunks=self.config.concurrency * 2,
+                max_in_memory_download_chunks=self.config.concurrency * 2,
+                num_download_attempts=self.config.max_attempts,
+            ),
+        )
         self._closed = threading.Event()
         try:
             self._check_bucket()
@@ -122,7 +129,7 @@ class S3Store:
             raise
 
     @classmethod
-    def from_uri(cls, uri: str, *, create: bool = True, config: S3Config | None = None) -> "S3Store":
+    def from_uri(cls, uri: str, *, create: bool = True, config: S3Config | None = None) -> S3Store:
         parsed = urlparse(uri)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ConfigError(f"store {uri!r}: expected s3://bucket/prefix")
@@ -131,32 +138,38 @@ class S3Store:
     # -- errors ---------------------------------------------------------------
 
     def _check_bucket(self) -> None:
-        probe = boto3.session.Session().client("s3", config=self._client.meta.config.merge(Config(
-            retries={"max_attempts": 1, "mode": "standard"})))
+        probe = boto3.session.Session().client(
+            "s3", config=self._client.meta.config.merge(Config(retries={"max_attempts": 1, "mode": "standard"}))
+        )
         try:
             probe.head_bucket(Bucket=self.bucket)
         except NoCredentialsError as e:
             raise StoreUnreachable(
                 f"no AWS credentials for s3://{self.bucket}: set AWS_PROFILE or AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY") from e
+                "AWS_SECRET_ACCESS_KEY"
+            ) from e
         except ClientError as e:
             code = _code(e)
             if code in ("404", "NoSuchBucket", "NotFound"):
                 if not _from_s3(e):
                     raise StoreUnreachable(
                         f"{self.endpoint} answered 404 for bucket {self.bucket!r} with no S3 headers: it does not "
-                        "look like an S3 endpoint; check AWS_ENDPOINT_URL (and any proxy on the way)") from e
+                        "look like an S3 endpoint; check AWS_ENDPOINT_URL (and any proxy on the way)"
+                    ) from e
                 raise StoreUnreachable(
-                    f"bucket {self.bucket!r} does not exist at {self.endpoint}; create it or fix the name") from e
+                    f"bucket {self.bucket!r} does not exist at {self.endpoint}; create it or fix the name"
+                ) from e
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
                 raise StoreUnreachable(
                     f"access to bucket {self.bucket!r} at {self.endpoint} denied ({code}); check the "
-                    "credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID) and the bucket policy") from e
+                    "credentials (AWS_PROFILE / AWS_ACCESS_KEY_ID) and the bucket policy"
+                ) from e
             raise StoreUnreachable(f"bucket {self.bucket!r} at {self.endpoint}: {code}") from e
         except BotoCoreError as e:
             raise StoreUnreachable(
                 f"cannot reach the S3 endpoint {self.endpoint} for bucket {self.bucket!r}: "
-                f"{type(e).__name__}; check AWS_ENDPOINT_URL and the network") from e
+                f"{type(e).__name__}; check AWS_ENDPOINT_URL and the network"
+            ) from e
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -178,33 +191,53 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def _rel(self, full: str) -> str:
-        return full[len(self.prefix) + 1:] if self.prefix else full
+        return full[len(self.prefix) + 1 :] if self.prefix else full
 
     # -- writes ---------------------------------------------------------------
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._call(f"put {self.uri}/{key}", self._client.put_object, Bucket=self.bucket, Key=self._key(key),
-                   Body=data, ChecksumAlgorithm=self.config.checksum)
+        self._call(
+            f"put {self.uri}/{key}",
+            self._client.put_object,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Body=data,
+            ChecksumAlgorithm=self.config.checksum,
+        )
 
     def put_file(self, key: str, path: str, *, progress: Progress | None = None) -> None:
         """Upload a file: one request up to ``part_size``, else s3transfer's parallel multipart."""
         with self._errors(f"upload {self.uri}/{key}"):
-            self._transfers.upload(path, self.bucket, self._key(key),
-                                   extra_args={"ChecksumAlgorithm": self.config.checksum},
-                                   subscribers=_subscribers(progress)).result()
+            self._transfers.upload(
+                path,
+                self.bucket,
+                self._key(key),
+                extra_args={"ChecksumAlgorithm": self.config.checksum},
+                subscribers=_subscribers(progress),
+            ).result()
 
     def commit(self, key: str, data: bytes) -> None:
         try:
             with self._errors(f"commit {self.uri}/{key}"):
-                self._client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, IfNoneMatch="*",
-                                        ChecksumAlgorithm=self.config.checksum)
+                self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=self._key(key),
+                    Body=data,
+                    IfNoneMatch="*",
+                    ChecksumAlgorithm=self.config.checksum,
+                )
         except StoreError as e:
             cause = e.__cause__
             if isinstance(cause, ClientError) and _code(cause) in (
-                    "PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                "PreconditionFailed",
+                "412",
+                "ConditionalRequestConflict",
+                "409",
+            ):
                 raise SnapshotExists(
                     f"{self.uri}/{key} is already committed by another writer; a step is committed once, "
-                    "so this copy was discarded") from cause
+                    "so this copy was discarded"
+                ) from cause
             raise
 
     # -- reads ----------------------------------------------------------------
@@ -217,8 +250,13 @@ class S3Store:
         if length <= 0:
             return b""
         what = f"get {self.uri}/{key} bytes {offset}+{length}"
-        resp = self._call(what, self._client.get_object, Bucket=self.bucket, Key=self._key(key),
-                          Range=f"bytes={offset}-{offset + length - 1}")
+        resp = self._call(
+            what,
+            self._client.get_object,
+            Bucket=self.bucket,
+            Key=self._key(key),
+            Range=f"bytes={offset}-{offset + length - 1}",
+        )
         return self._read_body(what, resp)
 
     def _read_body(self, what: str, resp: dict) -> bytes:
@@ -254,7 +292,7 @@ class S3Store:
         names = set()
         for page in self._pages(f"list {self.uri}/{prefix}", Prefix=full, Delimiter="/"):
             for cp in page.get("CommonPrefixes", []):
-                names.add(cp["Prefix"][len(full):].rstrip("/"))
+                names.add(cp["Prefix"][len(full) :].rstrip("/"))
         return sorted(n for n in names if n)
 
     def _pages(self, what: str, **kw: Any):
@@ -267,9 +305,13 @@ class S3Store:
     def delete(self, keys: Sequence[str]) -> None:
         full = [self._key(k) for k in keys]
         for i in range(0, len(full), 1000):
-            batch = [{"Key": k} for k in full[i:i + 1000]]
-            resp = self._call(f"delete {len(batch)} objects in {self.uri}", self._client.delete_objects,
-                              Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            batch = [{"Key": k} for k in full[i : i + 1000]]
+            resp = self._call(
+                f"delete {len(batch)} objects in {self.uri}",
+                self._client.delete_objects,
+                Bucket=self.bucket,
+                Delete={"Objects": batch, "Quiet": True},
+            )
             errors = [e for e in resp.get("Errors", []) if e.get("Code") != "NoSuchKey"]
             if errors:
                 raise StoreError(f"delete in {self.uri}: {errors[0].get('Key')}: {errors[0].get('Code')}")
@@ -287,8 +329,7 @@ class S3Store:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for up in page.get("Uploads", []):
                     if (now - up["Initiated"]).total_seconds() >= older_than:
-                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"],
-                                                            UploadId=up["UploadId"])
+                        self._client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"], UploadId=up["UploadId"])
                         aborted += 1
         return aborted
 
@@ -297,7 +338,7 @@ class S3Store:
             self._closed.set()
             self._transfers.shutdown()
 
-    def __enter__(self) -> "S3Store":
+    def __enter__(self) -> S3Store:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -318,8 +359,9 @@ def _subscribers(progress: Progress | None) -> list:
 
 
 def _code(e: ClientError) -> str:
-    return str(e.response.get("Error", {}).get("Code") or e.response.get("ResponseMetadata", {}).get(
-        "HTTPStatusCode", "error"))
+    return str(
+        e.response.get("Error", {}).get("Code") or e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "error")
+    )
 
 
 def _message(e: ClientError) -> str:

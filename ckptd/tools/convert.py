@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import tempfile
 
+from ..persist.transfer import upload_snapshot
 from ..snapshot.flatten import flatten
 from ..snapshot.manifest import Manifest
 from ..snapshot.write import Ranks, write_snapshot
 from ..store import open_store
 from ..store.file import FileStore
-from ..persist.transfer import upload_snapshot
 from . import torchsnapshot_format as tsf
 from .export import from_torchsnapshot
 

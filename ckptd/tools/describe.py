@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..restore.find import read_manifest, snapshot_steps
 from ..errors import NoSnapshot
+from ..restore.find import read_manifest, snapshot_steps
 from ..store.base import Store
 
 
@@ -39,15 +39,29 @@ def describe(store: Store, step: int | None = None) -> dict[str, Any]:
             continue
         if item.fqn in tensors:
             continue
-        tensors[item.fqn] = {"name": item.fqn, "group": top, "shape": list(item.shape), "dtype": item.dtype,
-                             "nbytes": item.nbytes}
+        tensors[item.fqn] = {
+            "name": item.fqn,
+            "group": top,
+            "shape": list(item.shape),
+            "dtype": item.dtype,
+            "nbytes": item.nbytes,
+        }
     meta = dict(m.meta)
     groups = meta.pop("groups", None)
     if not isinstance(groups, dict):
         groups = {top: {"values": names} for top, names in values.items()}
     return {
-        "step": m.step, "created": m.created, "world_size": m.world_size, "host": m.host, "format": m.format,
-        "checksum": m.checksum, "nbytes": m.nbytes, "metrics": m.metrics, "meta": meta, "groups": groups,
+        "step": m.step,
+        "created": m.created,
+        "world_size": m.world_size,
+        "host": m.host,
+        "format": m.format,
+        "checksum": m.checksum,
+        "nbytes": m.nbytes,
+        "metrics": m.metrics,
+        "meta": meta,
+        "groups": groups,
         "files": [{"name": f.name, "size": f.size, "rank": f.rank} for f in m.files],
-        "rng": sorted(rng), "tensors": list(tensors.values()),
+        "rng": sorted(rng),
+        "tensors": list(tensors.values()),
     }

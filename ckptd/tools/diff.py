@@ -24,12 +24,20 @@ def diff(source: str, a: int, b: int) -> list[dict[str, Any]]:
         x64, y64 = x.double(), y.double()
         norm = x64.norm().item()
         delta = (y64 - x64).norm().item()
-        rows.append({"name": name, "shape": list(x.shape), "change": delta / norm if norm else (0.0 if not delta else
-                                                                                                  float("inf"))})
+        rows.append(
+            {
+                "name": name,
+                "shape": list(x.shape),
+                "change": delta / norm if norm else (0.0 if not delta else float("inf")),
+            }
+        )
     return sorted(rows, key=lambda r: -1.0 if r["change"] is None else r["change"], reverse=True)
 
 
 def _tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     part = {k: state[k] for k in ("model", "optimizer") if k in state}
-    return {leaf.fqn: leaf.value for leaf in flatten(part)
-            if isinstance(leaf.value, torch.Tensor) and (leaf.value.is_floating_point() or leaf.value.is_complex())}
+    return {
+        leaf.fqn: leaf.value
+        for leaf in flatten(part)
+        if isinstance(leaf.value, torch.Tensor) and (leaf.value.is_floating_point() or leaf.value.is_complex())
+    }

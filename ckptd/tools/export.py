@@ -25,8 +25,13 @@ def state_of(source: str, step: int | None) -> dict[str, Any]:
 
 def from_torchsnapshot(app: dict[str, Any]) -> dict[str, Any]:
     """torchsnapshot app-state keys → ckptd's: model, optim(izer), (lr_)scheduler; the rest is extra."""
-    names = {"model": "model", "optim": "optimizer", "optimizer": "optimizer", "scheduler": "scheduler",
-             "lr_scheduler": "scheduler"}
+    names = {
+        "model": "model",
+        "optim": "optimizer",
+        "optimizer": "optimizer",
+        "scheduler": "scheduler",
+        "lr_scheduler": "scheduler",
+    }
     state: dict[str, Any] = {}
     extra = {}
     for key, value in app.items():
@@ -39,8 +44,9 @@ def from_torchsnapshot(app: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def export(source: str, out: str, *, fmt: str, step: int | None = None, only: str | None = None,
-           force: bool = False) -> dict[str, Any]:
+def export(
+    source: str, out: str, *, fmt: str, step: int | None = None, only: str | None = None, force: bool = False
+) -> dict[str, Any]:
     """Write the snapshot to ``out``; returns what was written (tensor count, bytes, skipped values)."""
     if fmt not in ("torch", "safetensors"):
         raise ConfigError(f"--format {fmt!r}: use torch or safetensors")

@@ -18,10 +18,19 @@ def points(store: Store) -> list[dict[str, Any]]:
         except (NoSnapshot, SnapshotCorrupt):
             continue
         policy = m.meta.get("policy") or {}
-        rows.append({"step": step, "created": m.created_at, "stall_s": m.meta.get("stall_s"),
-                     "write_s": m.meta.get("write_s"), "interval_s": policy.get("interval"),
-                     "risk": policy.get("risk"), "pid": m.meta.get("pid"), "nbytes": m.nbytes,
-                     "io": m.meta.get("io")})
+        rows.append(
+            {
+                "step": step,
+                "created": m.created_at,
+                "stall_s": m.meta.get("stall_s"),
+                "write_s": m.meta.get("write_s"),
+                "interval_s": policy.get("interval"),
+                "risk": policy.get("risk"),
+                "pid": m.meta.get("pid"),
+                "nbytes": m.nbytes,
+                "io": m.meta.get("io"),
+            }
+        )
     return rows
 
 

@@ -57,10 +57,23 @@ def describe(path: str, rank: int = 0) -> dict[str, Any]:
         count = 1
         for d in shape:
             count *= d
-        tensors.append({"name": name.replace("/", "."), "group": name.split("/")[0], "shape": shape,
-                        "dtype": dtype, "nbytes": count * _itemsize(dtype)})
-    return {"format": f"torchsnapshot {meta.get('version')}", "world_size": meta.get("world_size"),
-            "step": None, "nbytes": sum(t["nbytes"] for t in tensors), "tensors": tensors, "rng": []}
+        tensors.append(
+            {
+                "name": name.replace("/", "."),
+                "group": name.split("/")[0],
+                "shape": shape,
+                "dtype": dtype,
+                "nbytes": count * _itemsize(dtype),
+            }
+        )
+    return {
+        "format": f"torchsnapshot {meta.get('version')}",
+        "world_size": meta.get("world_size"),
+        "step": None,
+        "nbytes": sum(t["nbytes"] for t in tensors),
+        "tensors": tensors,
+        "rng": [],
+    }
 
 
 def _itemsize(dtype: str) -> int:
@@ -74,10 +87,10 @@ def read_state(path: str, rank: int = 0) -> dict[str, Any]:
     """The app state of one rank, rebuilt as nested dicts and lists of tensors and plain values."""
     meta = read_metadata(path)["manifest"]
     prefix = f"{rank}/"
-    roots = [k for k in meta if k.startswith(prefix) and "/" not in k[len(prefix):]]
+    roots = [k for k in meta if k.startswith(prefix) and "/" not in k[len(prefix) :]]
     if not roots:
         raise NoSnapshot(f"{path} holds nothing of rank {rank}")
-    return {k[len(prefix):]: _build(path, meta, k) for k in roots}
+    return {k[len(prefix) :]: _build(path, meta, k) for k in roots}
 
 
 def _build(path: str, meta: dict, key: str) -> Any:
@@ -85,7 +98,7 @@ def _build(path: str, meta: dict, key: str) -> Any:
     kind = entry.get("type")
     if kind in _CONTAINERS:
         if kind == "list":
-            n = sum(1 for k in meta if k.startswith(key + "/") and "/" not in k[len(key) + 1:])
+            n = sum(1 for k in meta if k.startswith(key + "/") and "/" not in k[len(key) + 1 :])
             return [_build(path, meta, f"{key}/{i}") for i in range(n)]
         return {k: _build(path, meta, f"{key}/{k}") for k in entry.get("keys", [])}
     if kind == "Tensor":
@@ -153,8 +166,10 @@ def _load_bytes(data: bytes, key: str) -> Any:
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UnsafeSnapshot(f"{key}: holds a Python object that is not plain data; ckptd will not unpickle it "
-                             f"({str(e).splitlines()[0]})") from e
+        raise UnsafeSnapshot(
+            f"{key}: holds a Python object that is not plain data; ckptd will not unpickle it "
+            f"({str(e).splitlines()[0]})"
+        ) from e
 
 
 def _primitive(entry: dict, key: str) -> Any:
