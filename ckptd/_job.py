@@ -48,8 +48,8 @@ class JobPlace:
 def join(store: Store, local_root: str, *, take_over: bool, lease_ttl: float, shared_store: bool) -> JobPlace:
     """Find this rank's place, build ckptd's gloo groups and take the lease (rank 0)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        lease = _take(store, job_id(), take_over, lease_ttl)
-        return JobPlace(Ranks(job=lease.job), None, lease)
+        alone = _take(store, job_id(), take_over, lease_ttl)
+        return JobPlace(Ranks(job=alone.job), None, alone)
     # Own gloo groups: collectives from the writer thread must not interleave with training's.
     write_group = dist.new_group(backend="gloo", timeout=_GROUP_TIMEOUT)
     decide_group = dist.new_group(backend="gloo", timeout=_GROUP_TIMEOUT)
@@ -62,7 +62,8 @@ def join(store: Store, local_root: str, *, take_over: bool, lease_ttl: float, sh
             f"the store {store.uri} is a local path, but ranks see it on different hosts "
             f"({sorted({h for h, _ in places})}); use a shared file system or an s3:// store"
         )
-    lease, outcome = None, [None, ""]
+    lease: Lease | None = None
+    outcome: list[str | None] = [None, ""]
     if rank == 0:
         try:
             lease = _take(store, job_id(), take_over, lease_ttl)
@@ -73,7 +74,7 @@ def join(store: Store, local_root: str, *, take_over: bool, lease_ttl: float, sh
     if outcome[1]:
         raise StoreInUse(outcome[1])
     leader = places.index(where)
-    ranks = Ranks(rank, world, write_group, leader=leader, whole=len(set(places)) == 1, job=outcome[0])
+    ranks = Ranks(rank, world, write_group, leader=leader, whole=len(set(places)) == 1, job=outcome[0] or "")
     return JobPlace(ranks, decide_group, lease)
 
 

@@ -122,7 +122,11 @@ class Checkpointer:
             raise ConfigError(
                 f"local={self.config.local!r} applies to object stores; {opened.uri} is already local: drop local="
             )
-        local = opened.root if is_file else (self.config.local or default_local_dir(opened.uri, env_job_id()))
+        local = (
+            opened.root
+            if isinstance(opened, FileStore)
+            else (self.config.local or default_local_dir(opened.uri, env_job_id()))
+        )
         self._place = _job.join(
             opened, local, take_over=self.config.take_over, lease_ttl=self.config.lease_ttl, shared_store=is_file
         )
@@ -173,8 +177,9 @@ class Checkpointer:
         self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.state.optimizers]
         self._failures_told = 0
         restarts, seconds = run_history()
-        if seconds and callable(getattr(self.policy, "record_hours", None)):
-            self.policy.record_hours(seconds / 3600.0)
+        record_hours = getattr(self.policy, "record_hours", None)
+        if seconds and callable(record_hours):
+            record_hours(seconds / 3600.0)
         self._record_failures(restarts)
 
     def _release(self) -> None:
@@ -395,7 +400,7 @@ class Checkpointer:
         log.warning("ckptd: SIGTERM: emergency snapshot of step %d", step)
         try:
             self._start(step, metrics)
-            self.close(timeout=self._preempt.remaining(self.config.grace))
+            self.close(timeout=self._preempt.remaining(self.config.grace) if self._preempt else self.config.grace)
             self._progress.event("preempted", step=step)
         except CkptdError as e:
             log.error("ckptd: emergency snapshot of step %d failed: %s", step, e)
@@ -422,7 +427,8 @@ class Checkpointer:
         tensors = {leaf.fqn: leaf.value for leaf in leaves if isinstance(leaf.value, torch.Tensor)}
         bufs = self._pool.buffers_for(tensors, step=step)
         deferred = self.state.deferred_ptrs() if self.config.overlap else set()
-        now_pairs, later_pairs = [], []
+        now_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        later_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
         for fqn, t in tensors.items():
             (later_pairs if t.data_ptr() in deferred else now_pairs).append((t, bufs[fqn]))
         self._stager.copy(now_pairs, wait=True).result()
@@ -494,8 +500,9 @@ class Checkpointer:
         durable.add_done_callback(lambda fut: self._durable(handle, done, fut))
 
     def _durable(self, handle: SnapshotHandle, done: LocalCommit, fut: Future) -> None:
-        if fut.exception() is not None:
-            self._fail(handle, "was committed locally but not in the object store", fut.exception())
+        error = fut.exception()
+        if error is not None:
+            self._fail(handle, "was committed locally but not in the object store", error)
             return
         handle.advance(SnapshotState.DURABLE)
         log.debug("ckptd: step %d: durable", handle.step)
@@ -541,17 +548,18 @@ class Checkpointer:
         for cmd in self._persistence.heartbeat(step, self.measure.summary()["step_time_s"]):
             if cmd.kind == "snapshot_now":
                 self.request_snapshot(cmd.reason)
-            elif cmd.kind == "raise_risk" and callable(getattr(self.policy, "raise_risk", None)):
-                self.policy.raise_risk(cmd.factor, reason=cmd.reason)
+            elif cmd.kind == "raise_risk" and callable(raise_risk := getattr(self.policy, "raise_risk", None)):
+                raise_risk(cmd.factor, reason=cmd.reason)
             elif cmd.kind == "failures":  # the restarts under `ckptd run` already counted some of them
                 self._record_failures(int(cmd.factor) - self._failures_told)
 
     def _record_failures(self, n: int) -> None:
         """Tell the policy of ``n`` more failures this job met (restarts, faults the daemon stopped it for)."""
-        if n <= 0 or not callable(getattr(self.policy, "record_failure", None)):
+        record_failure = getattr(self.policy, "record_failure", None)
+        if n <= 0 or not callable(record_failure):
             return
         self._failures_told += n
-        self.policy.record_failure(n)
+        record_failure(n)
         log.info("ckptd: the policy counts %d failure(s) of this job so far", self._failures_told)
 
     # -- errors -------------------------------------------------------------
@@ -577,8 +585,8 @@ class Checkpointer:
         self._auto_step = 0
 
         def after_step(opt, args, kwargs) -> None:
-            step = self._auto_step
-            self._auto_step += 1
+            step = self._auto_step or 0
+            self._auto_step = step + 1
             self.step(step)
 
         self._hooks.append(optimizer.register_step_post_hook(after_step))

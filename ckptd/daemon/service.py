@@ -131,7 +131,7 @@ class Daemon:
         with self._lock:
             if isinstance(msg, Register):
                 old = self.jobs.get(msg.pid)
-                job = Job(
+                new = Job(
                     msg.pid,
                     msg.rank,
                     msg.devices,
@@ -140,10 +140,10 @@ class Daemon:
                     msg.job,
                     msg.world_size,
                 )
-                if old is not None and (old.store, old.job) == (job.store, job.job):  # reconnected
-                    job.step, job.commands, job.durable, job.failed = old.step, old.commands, old.durable, old.failed
-                    job.last_snapshot = old.last_snapshot
-                self.jobs[msg.pid] = job
+                if old is not None and (old.store, old.job) == (new.store, new.job):  # reconnected
+                    new.step, new.commands, new.durable, new.failed = old.step, old.commands, old.durable, old.failed
+                    new.last_snapshot = old.last_snapshot
+                self.jobs[msg.pid] = new
                 self._event("register", pid=msg.pid, rank=msg.rank, devices=list(msg.devices))
                 if self.faults.get(msg.job):
                     n = self.faults[msg.job]
@@ -206,7 +206,8 @@ class Daemon:
         with self._lock:
             self._submitted.update((path, r) for r in ranks)
         future = uploader.submit(manifest, data, path, ranks)
-        future.add_done_callback(lambda fut, j=job, s=manifest.step: self._uploaded(j, s, fut))
+        step = manifest.step
+        future.add_done_callback(lambda fut: self._uploaded(job, step, fut))
 
     def _sweep(self, job: Job) -> None:
         """A job died: submit the committed snapshots of its local tier it did not report (work thread)."""

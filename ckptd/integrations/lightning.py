@@ -48,13 +48,15 @@ def _framework() -> Any:
 
 
 pl = _framework()
+_Callback: Any = pl.Callback
+_CheckpointIO: Any = pl.plugins.CheckpointIO
 
 # Lightning's checkpoint keys that ckptd saves through the registered objects instead.
 _TENSOR_KEYS = ("state_dict", "optimizer_states", "lr_schedulers")
 _RESUMABLE_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
 
 
-class CkptdCallback(pl.Callback):
+class CkptdCallback(_Callback):
     """Asynchronous ckptd snapshots for a Lightning ``Trainer``; ``resume_path()`` for ``fit(ckpt_path=...)``.
 
     ``store`` is a path or URI (None: $CKPTD_STORE); ``policy`` as for
@@ -69,7 +71,7 @@ class CkptdCallback(pl.Callback):
         self.store = _snapshots.store_uri(store)
         self.policy = policy
         self.options = checkpointer_options
-        self.checkpointer = None
+        self.checkpointer: Any = None  # a Checkpointer from the start of training on
         self._loaders: list[Any] = []
         self._pending_loaders: dict[str, Any] = {}
         self._pending_rng: dict[str, Any] | None = None
@@ -218,7 +220,7 @@ class _LightningState:
         )
 
 
-class _SnapshotIO(pl.plugins.CheckpointIO):
+class _SnapshotIO(_CheckpointIO):
     """The strategy's CheckpointIO, with paths from ``resume_path()`` read from ckptd instead."""
 
     def __init__(self, callback: CkptdCallback, inner: Any, trainer: Any) -> None:

@@ -54,7 +54,7 @@ class CkptdCallback(TrainerCallback):
         self.store = _snapshots.store_uri(store)
         self.policy = policy
         self.options = checkpointer_options
-        self.checkpointer = None
+        self.checkpointer: Any = None  # a Checkpointer from the start of training on
         self._exported: list[str] = []
         self._state: _TrainerStateJson | None = None
 
@@ -100,7 +100,7 @@ class CkptdCallback(TrainerCallback):
         )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.checkpointer is None:
+        if self.checkpointer is None or self._state is None:
             return
         self._state.control = control
         self.checkpointer.step(state.global_step - 1)  # ckptd counts the finished step from 0

@@ -154,7 +154,7 @@ class Lease:
             self._thread = None
         if self.held:
             try:
-                self.store.put_bytes(_key(self.gen, "released"), b"")
+                self.store.put_bytes(_key(self._gen(), "released"), b"")
             except (StoreError, OSError) as e:
                 log.warning(
                     "ckptd: could not release the lease on %s (%s); it expires in %.0f s", self.store.uri, e, self.ttl
@@ -207,17 +207,23 @@ class Lease:
         except (StoreError, ValueError, KeyError, TypeError):
             return None
 
+    def _gen(self) -> int:
+        """The generation this lease holds; only asked while it is held."""
+        if self.gen is None:
+            raise RuntimeError("the lease is not held")
+        return self.gen
+
     def _beat(self) -> None:
-        self.store.put_bytes(_key(self.gen, "beat"), b"")
+        self.store.put_bytes(_key(self._gen(), "beat"), b"")
 
     def _forget_old(self) -> None:
-        old = [_key(g, k) for g, kinds in self._generations().items() if g < self.gen - 1 for k in kinds]
+        old = [_key(g, k) for g, kinds in self._generations().items() if g < self._gen() - 1 for k in kinds]
         if old:
             self.store.delete(old)
 
     def _look_for_newer(self) -> bool:
         """True (and the lease marked lost) when a later generation exists."""
-        newer = [g for g, k in self._generations().items() if g > self.gen and "json" in k]
+        newer = [g for g, k in self._generations().items() if g > self._gen() and "json" in k]
         if newer and self._lost is None:
             holder = self._holder(max(newer))
             self._lost = (

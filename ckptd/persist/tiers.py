@@ -108,6 +108,8 @@ class Tiers:
     def _upload(self, done: LocalCommit) -> Future:
         with self._lock:
             if self._uploader is None:  # started on first use: readers never need the thread
+                if self.remote is None:
+                    raise RuntimeError("no object store to upload to")
                 self._uploader = Uploader(self.remote, config=self._upload_config)
             uploader = self._uploader
         return uploader.submit(done.manifest, done.data, done.directory, (self.rank,))

@@ -147,7 +147,7 @@ class Uploader:
         closing = False
         while not (closing and not self._waiting) and not self._stop.is_set():
             try:
-                job = self._queue.get(timeout=self._until_next_check())
+                job: UploadJob | str | None = self._queue.get(timeout=self._until_next_check())
             except queue.Empty:
                 job = "tick"
             if job is None:

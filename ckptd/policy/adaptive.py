@@ -130,7 +130,7 @@ class RiskAwarePolicy:
             "persist": ctx.persist or 0.0,
             "stall budget": stall / self.stall_budget / risk if self.stall_budget and stall else 0.0,
         }
-        binding = max(bounds, key=bounds.get)
+        binding = max(bounds, key=lambda name: bounds[name])
         interval = bounds[binding]
         if interval > self.max_interval:
             interval, binding = self.max_interval, "max interval"

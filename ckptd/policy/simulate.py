@@ -119,7 +119,7 @@ class Result:
     dollars_per_useful_gpu_hour: float
 
 
-Interval = Callable[[float, float, "Sim"], float]
+Interval = Callable[[float, float, "Sim | None"], float]
 """(time, risk, sim) -> seconds of compute between snapshots."""
 
 
@@ -188,11 +188,12 @@ def adaptive(
         job_rate=sc.job_per_hour,
         restart=sc.restart,
         stall_budget=budget,
-        **({} if max_interval is None else {"max_interval": max_interval}),
     )
+    if max_interval is not None:
+        policy.max_interval = max_interval
     last = [0.0]
 
-    def interval(t: float, risk: float, sim: Sim) -> float:
+    def interval(t: float, risk: float, sim: Sim | None) -> float:
         if risk > 1.0:
             policy.raise_risk(risk, reason="degraded GPU", now=t)
         policy.rate.observe(t - last[0], sc.gpus, t)

@@ -21,7 +21,8 @@ def newest_readable(
     """``choose(step, below)`` a snapshot, ``read`` it; a read that fails (on any rank, through ``agree``)
     skips to an older one, unless ``step`` was asked for. (None, None) when there is none at all;
     NoGoodSnapshot naming each defect when every one failed to read."""
-    below, bad = None, []
+    below: int | None = None
+    bad: list[str] = []
     while True:
         manifest = choose(step, below)
         if manifest is None:

@@ -204,7 +204,7 @@ class _FilePlan:
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
     """A writable byte view of a contiguous CPU tensor's memory."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
 def _numel(shape: tuple[int, ...]) -> int:

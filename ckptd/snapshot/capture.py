@@ -120,7 +120,7 @@ class TrainingState:
 
     def deferred_ptrs(self) -> set[int]:
         """Addresses of tensors that change only inside ``optimizer.step()``."""
-        ptrs = set()
+        ptrs: set[int] = set()
         for opt in self.optimizers:
             for group in opt.param_groups:
                 ptrs.update(p.data_ptr() for p in group["params"])

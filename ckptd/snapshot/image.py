@@ -102,7 +102,7 @@ def make_template(shape: Sequence[int], dtype: torch.dtype) -> RecordTemplate:
     like = torch.empty(tuple(shape), dtype=dtype)
     nbytes = like.nbytes
     sink = _Sink(nbytes)
-    torch.save(like, sink)
+    torch.save(like, sink)  # type: ignore[arg-type]  # _Sink has the file methods torch.save calls
     with zipfile.ZipFile(_Sparse(sink)) as z:
         info = next(i for i in z.infolist() if i.filename.endswith(_DATA_NAME))
     raw = _Sparse(sink)
@@ -269,7 +269,7 @@ def _unpickle_header(pickled: bytes) -> RecordHeader:
         return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
 
     unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pickled), encoding="utf-8")
-    unpickler.persistent_load = persistent_load
+    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]  # pickle's documented hook
     try:
         value = unpickler.load()
     except Exception as e:  # the weights-only unpickler raises many kinds for hostile bytes

@@ -81,8 +81,8 @@ class LoaderPosition:
         if self._pending is not None:  # restored, and no iter(loader) since
             return {"version": VERSION, "epochs": self._epochs, "mid_epoch": True, **copy.deepcopy(self._pending)}
         if _iterable(loader):
-            ds = loader.dataset
-            dataset = ds.state_dict() if callable(getattr(ds, "state_dict", None)) else {}
+            save = getattr(loader.dataset, "state_dict", None)
+            dataset = save() if callable(save) else {}
             return {"version": VERSION, "epochs": self._epochs, "mid_epoch": False, "dataset": dataset}
         consumed = it._num_yielded if it is not None else 0
         if it is None or self._start is None or consumed >= _length(loader):
@@ -105,7 +105,7 @@ class LoaderPosition:
         self._epochs = int(sd["epochs"])
         if "dataset" in sd:
             if sd["dataset"]:
-                loader.dataset.load_state_dict(sd["dataset"])
+                loader.dataset.load_state_dict(sd["dataset"])  # type: ignore[attr-defined]  # what saved it has it
             return
         states = {k: sd[k] for k in ("torch_rng", "generators", "samplers", "sampler_epochs")}
         _check_same_shape(loader, states)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+np: Any
 try:
     import numpy as np
 except ImportError:  # pragma: no cover - numpy is a dependency

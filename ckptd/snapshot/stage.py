@@ -167,7 +167,7 @@ class HostPool:
         return img is not None and [(p.fqn, p.shape, p.dtype) for p in img.layout.placed] == specs
 
     def _image_for(self, specs: list[Spec], *, step: int | None) -> FileImage:
-        if self._matches(specs):
+        if self.image is not None and self._matches(specs):
             return self.image
         layout = plan(specs, self._templates)
         size = max(layout.size, ALIGN)

@@ -266,7 +266,7 @@ def write_snapshot(
     committed = False
     try:
         _in_each(ranks, "creating its attempt directory", lambda: os.makedirs(directory, exist_ok=True))
-        if writer is not None and not ranks.distributed and fits_image(leaves, image):
+        if writer is not None and image is not None and not ranks.distributed and fits_image(leaves, image):
             done = write_image(directory, leaves, image, writer, rank=ranks.rank, algo=DEFAULT_ALGO)
             items, files, io = done.items, done.files, done.io
         else:

@@ -120,6 +120,7 @@ def write_image(
         segments = []
         if tail_view is not None:
             tail_view.release()
+        if tail is not None:
             tail.close()
     items = _items(leaves, layout, objects, placed_objects, name)
     md = pickle.dumps(_dcp_metadata(items), protocol=pickle.HIGHEST_PROTOCOL)

@@ -6,6 +6,7 @@ collapses the ``//`` and a key is not a local path on every backend.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -58,7 +59,7 @@ class Store(Protocol):
 
     def list(self, prefix: str = "") -> list[ObjectInfo]: ...
 
-    def children(self, prefix: str = "") -> list[str]: ...
+    def children(self, prefix: str = "") -> builtins.list[str]: ...
 
     def delete(self, keys: Sequence[str]) -> None: ...
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import errno
+import io
 import os
 import shutil
 import stat
 import tempfile
 import uuid
 from collections.abc import Sequence
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..errors import SnapshotExists, StoreError, StoreUnreachable, UnsafeSnapshot
 from .base import ObjectInfo, Progress
@@ -31,7 +33,7 @@ def fsync_dir(path: str) -> None:
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 try:
-    _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    _renameat2: Any = ctypes.CDLL(None, use_errno=True).renameat2
 except (AttributeError, OSError):  # pragma: no cover - glibc < 2.28
     _renameat2 = None
 
@@ -56,7 +58,7 @@ def rename_noreplace(src: str, dst: str) -> None:
     os.rename(src, dst)
 
 
-def open_regular(path: str) -> BinaryIO:
+def open_regular(path: str) -> io.BufferedReader:
     """Open a file of a store for reading; UnsafeSnapshot unless it is a regular file.
 
     A store is hostile ground: ``O_NOFOLLOW`` refuses a symlink (or a loop of
@@ -185,7 +187,7 @@ class FileStore:
                 out.append(ObjectInfo(rel, st.st_size, st.st_mtime))
         return sorted(out, key=lambda o: o.key)
 
-    def children(self, prefix: str = "") -> list[str]:
+    def children(self, prefix: str = "") -> builtins.list[str]:
         base = self.path_of(prefix) if prefix else self.root
         try:
             return sorted(e.name for e in os.scandir(base) if e.is_dir(follow_symlinks=False))

@@ -9,6 +9,7 @@ endpoint, never a credential.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import ipaddress
 import logging
@@ -287,7 +288,7 @@ class S3Store:
                 out.append(ObjectInfo(self._rel(obj["Key"]), obj["Size"], obj["LastModified"].timestamp()))
         return sorted(out, key=lambda o: o.key)
 
-    def children(self, prefix: str = "") -> list[str]:
+    def children(self, prefix: str = "") -> builtins.list[str]:
         full = self._key(prefix) + "/" if prefix else (self.prefix + "/" if self.prefix else "")
         names = set()
         for page in self._pages(f"list {self.uri}/{prefix}", Prefix=full, Delimiter="/"):

@@ -15,11 +15,13 @@ def diff(source: str, a: int, b: int) -> list[dict[str, Any]]:
     sa, sb = load(source, a), load(source, b)
     ta = _tensors(sa)
     tb = _tensors(sb)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in sorted(set(ta) | set(tb)):
         x, y = ta.get(name), tb.get(name)
         if x is None or y is None or x.shape != y.shape:
-            rows.append({"name": name, "shape": list((x if x is not None else y).shape), "change": None})
+            either = x if x is not None else y
+            assert either is not None  # the name came from one of the two
+            rows.append({"name": name, "shape": list(either.shape), "change": None})
             continue
         x64, y64 = x.double(), y.double()
         norm = x64.norm().item()
@@ -35,7 +37,7 @@ def diff(source: str, a: int, b: int) -> list[dict[str, Any]]:
 
 
 def _tensors(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    part = {k: state[k] for k in ("model", "optimizer") if k in state}
+    part: dict[str, Any] = {k: state[k] for k in ("model", "optimizer") if k in state}
     return {
         leaf.fqn: leaf.value
         for leaf in flatten(part)

@@ -174,6 +174,15 @@ def _load_bytes(data: bytes, key: str) -> Any:
 
 def _primitive(entry: dict, key: str) -> Any:
     kind, raw = entry["type"], entry.get("serialized_value")
+    if not isinstance(raw, str):
+        raise SnapshotCorrupt(f"{key}: torchsnapshot {kind} entry has no serialized_value string")
+    try:
+        return _decode(kind, raw)
+    except (ValueError, struct.error) as e:  # binascii.Error is a ValueError
+        raise SnapshotCorrupt(f"{key}: torchsnapshot {kind} value {raw[:40]!r} does not decode ({e})") from e
+
+
+def _decode(kind: str, raw: str) -> Any:
     if kind == "float":
         return struct.unpack("<d", base64.b64decode(raw))[0]
     if kind == "int":
