@@ -5,13 +5,17 @@
     ├── StoreError             the store (disk, S3) failed or refused
     │   ├── StoreUnreachable   endpoint, bucket or path cannot be used
     │   └── SnapshotExists     another writer already committed this step
+    ├── StoreInUse             another job holds the store's lease
     ├── SnapshotError          a snapshot could not be taken or persisted
-    │   └── InsufficientMemory staging would exceed host memory or the budget
+    │   ├── InsufficientMemory staging would exceed host memory or the budget
+    │   └── LeaseLost          this job's lease was taken over; it may not commit
     ├── SnapshotCorrupt        checksums or manifest do not verify
     ├── NoSnapshot             the store holds no (such) committed snapshot
     │   └── NoGoodSnapshot     snapshots exist, and none of them verifies
     ├── IncompatibleSnapshot   a snapshot does not fit the objects to restore
-    └── UnsafeSnapshot         a snapshot asks to unpickle code or escape its directory
+    ├── UnsafeSnapshot         a snapshot asks to unpickle code or escape its directory
+    ├── DaemonUnavailable      no node daemon answers at the socket (also an OSError)
+    └── ProtocolError          a daemon message or frame is not valid (also a ValueError)
 
 Messages name the thing and what to do; errors from boto3, the OS and torch
 are wrapped at the boundary with ``raise ... from e``.
@@ -25,13 +29,17 @@ __all__ = [
     "StoreError",
     "StoreUnreachable",
     "SnapshotExists",
+    "StoreInUse",
     "SnapshotError",
     "InsufficientMemory",
+    "LeaseLost",
     "SnapshotCorrupt",
     "NoSnapshot",
     "NoGoodSnapshot",
     "IncompatibleSnapshot",
     "UnsafeSnapshot",
+    "DaemonUnavailable",
+    "ProtocolError",
 ]
 
 
@@ -63,6 +71,14 @@ class InsufficientMemory(SnapshotError):
     """Staging the snapshot would exceed host memory or the staging budget."""
 
 
+class StoreInUse(CkptdError):
+    """Another job holds the store's lease."""
+
+
+class LeaseLost(SnapshotError):
+    """This job's lease was taken over; it may no longer commit to the store."""
+
+
 class SnapshotCorrupt(CkptdError):
     """A snapshot's files or manifest do not verify."""
 
@@ -85,3 +101,11 @@ class IncompatibleSnapshot(CkptdError):
 
 class UnsafeSnapshot(SnapshotCorrupt):
     """A snapshot names a path outside itself or a type that is not plain data."""
+
+
+class DaemonUnavailable(CkptdError, OSError):
+    """No node daemon answers at the socket; an OSError too, as socket errors are."""
+
+
+class ProtocolError(CkptdError, ValueError):
+    """A frame or message that is not valid in the daemon protocol's version."""

@@ -17,9 +17,9 @@ from test_distributed import WORKER, launch
 from test_snapshot import make, run, train_step
 
 import ckptd
-from ckptd.errors import SnapshotError
+from ckptd.errors import LeaseLost, SnapshotError, StoreInUse
 from ckptd.persist.commit import pruned_key, try_commit, upload_part
-from ckptd.persist.lease import Lease, LeaseLost, StoreInUse
+from ckptd.persist.lease import Lease
 from ckptd.persist.retention import Retention, apply, delete_snapshot, plan
 from ckptd.restore.find import read_manifest
 from ckptd.snapshot.manifest import manifest_key

@@ -16,12 +16,14 @@ from hypothesis import strategies as st
 import ckptd
 from ckptd.errors import ConfigError
 from ckptd.policy import (
+    EverySteps,
     PolicyContext,
     RiskAwarePolicy,
     daly_interval,
     expected_waste,
     optimal_interval,
     parse_policy,
+    snapshot_cost,
     young_interval,
 )
 from ckptd.policy.simulate import Scenario, simulate
@@ -139,15 +141,12 @@ def test_risk_decays_and_a_failure_moves_the_rate():
     assert p.rate.posterior_per_hour(8) == pytest.approx(before * 6 / 5)
 
 
-def test_request_now_and_explain():
+def test_explain_names_the_bound_of_the_last_decision():
     p = RiskAwarePolicy()
     assert p.should_snapshot(ctx=ctx(steps_since=None))  # first snapshot measures the cost
     assert not p.should_snapshot(ctx=ctx(seconds_since=5.0))
     e = p.explain()
     assert e["bound"] in ("daly", "persist", "stall budget", "max interval") and e["interval"] > 5
-    p.request_now("SIGTERM")
-    assert p.should_snapshot(ctx=ctx(seconds_since=5.0))
-    assert p.explain()["reason"] == "SIGTERM"
 
 
 def test_simulation_is_reproducible_for_a_seed():
@@ -259,3 +258,19 @@ def test_simulator_compares_the_default_with_lightning_and_hf():
     rows = {r.name.split(" (")[0]: r for r in against_frameworks(sc, sync_stall=2.0, epoch_steps=10000, seeds=4)}
     assert set(rows) == {"Lightning per epoch", "HF Trainer every 500 steps", "ckptd before", "ckptd default policy"}
     assert rows["ckptd default policy"].waste < min(r.waste for n, r in rows.items() if n != "ckptd default policy")
+
+
+def test_every_steps_snapshots_after_each_nth_finished_step_and_not_the_first():
+    policy = EverySteps(3)
+    taken = [s for s in range(9) if policy.should_snapshot(ctx=ctx(step=s, steps_since=None if s == 0 else 1))]
+    assert taken == [2, 5, 8]
+
+
+def test_snapshot_cost_counts_one_put_per_part_of_the_s3_store():
+    from ckptd.store.s3 import S3Config
+
+    nbytes = 640 << 20
+    parts = nbytes // S3Config().part_size + 2
+    default = snapshot_cost(stall=1.0, nbytes=nbytes, gpus=8, gpu_hour_usd=2.0, interval=600.0)
+    counted = snapshot_cost(stall=1.0, nbytes=nbytes, gpus=8, gpu_hour_usd=2.0, interval=600.0, requests=parts)
+    assert default.dollars == counted.dollars

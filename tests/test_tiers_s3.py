@@ -169,3 +169,32 @@ def test_slow_object_store_never_slows_training(s3env, tmp_path, monkeypatch):
         assert [i.step for i in ckptd.list_snapshots(uri) if i.committed] == [19, 24, 29]
     finally:
         proxy.close()
+
+
+def test_take_over_after_close_fails_the_waiting_snapshot_instead_of_leaving_it_pending(bucket, tmp_path):
+    from ckptd.persist.retention import Retention
+    from ckptd.persist.tiers import Tiers
+    from ckptd.restore.find import read_manifest_bytes
+    from ckptd.snapshot.dirs import LocalCommit
+    from ckptd.snapshot.manifest import Manifest, step_dir
+    from ckptd.store import open_store
+    from ckptd.store.file import FileStore
+
+    local = tmp_path / "local"
+    run(local, 2, policy="every:2")  # one committed snapshot (step 1) in a plain local tier
+    data = read_manifest_bytes(FileStore(str(local)), 1)
+    done = LocalCommit(Manifest.from_json(data, source="test"), data, str(local / step_dir(1)), True)
+    tiers = Tiers(
+        open_store(f"s3://{bucket}/t"),
+        local=str(local),
+        rank=0,
+        world_size=1,
+        rule=Retention(keep_last=3),
+        external=True,
+    )
+    durable = tiers.committed(done)  # the daemon uploads: the future waits for its word
+    tiers.close()
+    tiers.take_over()  # the daemon link's thread finds the daemon gone, after the trainer closed
+    with pytest.raises(ckptd.StoreError, match="closed first"):
+        durable.result(timeout=10)
+    assert not open_store(f"s3://{bucket}/t").children("")  # nothing was uploaded behind the closed Checkpointer

@@ -14,7 +14,7 @@ import ckptd
 
 WRITER = """
 import sys, time, torch, ckptd
-from ckptd.persist.lease import StoreInUse
+from ckptd.errors import StoreInUse
 sys.path.insert(0, {tests!r})
 from test_snapshot import make, train_step, ckpt_for
 while time.time() < {start}:

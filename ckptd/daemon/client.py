@@ -9,7 +9,8 @@ import threading
 import time
 import warnings
 
-from .protocol import Committed, Heartbeat, ProtocolError, Register, Reply, Status, decode, encode, read_frame
+from ..errors import DaemonUnavailable, ProtocolError
+from .protocol import Committed, Heartbeat, Register, Reply, Status, decode, encode, read_frame
 from .server import default_socket
 
 log = logging.getLogger("ckptd")
@@ -19,10 +20,6 @@ _TIMEOUT = 5.0
 """Seconds a request may wait for the daemon's reply."""
 _CONNECT_WITHIN = 15.0
 """Seconds to keep retrying a connection the daemon's full backlog refused."""
-
-
-class DaemonUnavailable(OSError):
-    """No daemon answers at the socket."""
 
 
 class DaemonLink:

@@ -14,16 +14,14 @@ import struct
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..errors import ProtocolError
+
 VERSION = 1
 MAX_FRAME = 1 << 20
 MAX_DEVICES = 1024
 MAX_TEXT = 4096
 """Longest string field (a store URI, a path, a job id or an error) a message may carry."""
 _HEADER = struct.Struct(">I")
-
-
-class ProtocolError(ValueError):
-    """A frame or message that is not valid in this protocol version."""
 
 
 @dataclass(frozen=True)
@@ -71,9 +69,10 @@ class Status:
 
 @dataclass(frozen=True)
 class Command:
-    """Something the daemon asks a hook to do: snapshot_now, raise_risk, failures, dump_stacks or stop.
+    """Something the daemon asks a hook to do at its next heartbeat: snapshot_now, raise_risk or failures.
 
-    ``failures`` carries in ``factor`` how many faults the daemon has stopped this job for.
+    ``failures`` carries in ``factor`` how many faults the daemon has stopped this job for. A hung job
+    reads no replies, so stack dumps and stops go by signal (SIGUSR1, SIGTERM), not by command.
     """
 
     kind: str
@@ -101,7 +100,7 @@ class Reply:
 
 
 _TYPES = {c.__dataclass_fields__["type"].default: c for c in (Register, Heartbeat, Committed, Status, Reply)}
-_COMMANDS = ("snapshot_now", "raise_risk", "failures", "dump_stacks", "stop")
+_COMMANDS = ("snapshot_now", "raise_risk", "failures")
 
 
 def encode(msg: Any) -> bytes:

@@ -16,7 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .protocol import ProtocolError, Reply, decode, encode, read_frame
+from ..errors import ProtocolError
+from .protocol import Reply, decode, encode, read_frame
 
 log = logging.getLogger("ckptd.daemon")
 

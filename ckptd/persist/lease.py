@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import psutil
 
-from ..errors import CkptdError, ConfigError, SnapshotError, SnapshotExists, StoreError
+from ..errors import ConfigError, LeaseLost, SnapshotExists, StoreError, StoreInUse
 from ..store.base import Store
 
 log = logging.getLogger("ckptd")
@@ -35,14 +35,6 @@ log = logging.getLogger("ckptd")
 PREFIX = ".ckptd"
 _NAME = re.compile(r"^\.ckptd/lease-(\d{8})\.(json|beat|released)$")
 _MAX_RECORD = 64 << 10
-
-
-class StoreInUse(CkptdError):
-    """Another job holds the store's lease."""
-
-
-class LeaseLost(SnapshotError):
-    """This job's lease was taken over; it may no longer commit to the store."""
 
 
 def env_job_id() -> str | None:

@@ -43,7 +43,11 @@ def default_local_dir(uri: str, job: str | None = None) -> str:
 
 
 class Tiers:
-    """The local tier, the optional remote one and the uploader between them. Thread-safe."""
+    """The local tier, the optional remote one and the uploader between them.
+
+    Thread-safe: ``take_over`` and ``mark_*`` come from the daemon link's thread, ``close`` from the trainer's;
+    an upload asked for after ``close`` fails its future at once instead of starting an uploader nobody stops.
+    """
 
     def __init__(
         self,
@@ -65,6 +69,7 @@ class Tiers:
         self._awaiting: dict[int, tuple[Future, LocalCommit]] = {}
         self._upload_config = upload
         self._uploader: Uploader | None = None
+        self._closed = False
         if isinstance(store, FileStore):
             if local is not None:
                 raise ConfigError(
@@ -107,6 +112,12 @@ class Tiers:
 
     def _upload(self, done: LocalCommit) -> Future:
         with self._lock:
+            if self._closed:
+                fut: Future = Future()
+                fut.set_exception(
+                    StoreError(f"step {done.manifest.step} was not uploaded: its Checkpointer closed first")
+                )
+                return fut
             if self._uploader is None:  # started on first use: readers never need the thread
                 if self.remote is None:
                     raise RuntimeError("no object store to upload to")
@@ -256,8 +267,11 @@ class Tiers:
         return [merged[s] for s in sorted(merged)]
 
     def close(self, *, wait: bool = True) -> None:
-        if self._uploader is not None:
-            self._uploader.close(wait=wait)
+        with self._lock:
+            self._closed = True
+            uploader = self._uploader
+        if uploader is not None:
+            uploader.close(wait=wait)
         if self.remote is not None:
             self.remote.close()
 

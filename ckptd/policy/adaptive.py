@@ -64,7 +64,6 @@ class RiskAwarePolicy:
             prior_failures=self.prior_failures,
             half_life=self.risk_half_life,
         )
-        self._requested: str | None = None
         self._last_now: float | None = None
         self._last: dict[str, Any] = {}
 
@@ -74,10 +73,6 @@ class RiskAwarePolicy:
         if self._last_now is not None:
             self.rate.observe(ctx.now - self._last_now, ctx.gpus, ctx.now)
         self._last_now = ctx.now
-        if self._requested is not None:
-            self._last = {"reason": self._requested}
-            self._requested = None
-            return True
         if ctx.steps_since is None:  # nothing measured yet: the first snapshot measures the cost
             self._last = {"reason": "first snapshot, to measure its cost"}
             return True
@@ -97,10 +92,6 @@ class RiskAwarePolicy:
     def record_hours(self, hours: float) -> None:
         """Hours the job ran before this process (earlier launches), calm, for the rate estimate."""
         self.rate.hours += max(0.0, hours)
-
-    def request_now(self, reason: str) -> None:
-        """Snapshot at the next step (a fatal signal, a preemption notice)."""
-        self._requested = reason
 
     def explain(self) -> dict[str, Any]:
         """The inputs of the last decision and the interval they gave."""

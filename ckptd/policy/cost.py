@@ -59,15 +59,17 @@ def snapshot_cost(
     keep_last: int = 3,
     requests: int | None = None,
     prices: PriceTable = PriceTable(),
+    part_bytes: int = 8 << 20,
 ) -> SnapshotCost:
     """Stall plus money of one snapshot of ``nbytes`` taken every ``interval`` seconds.
 
     Retention holds ``keep_last`` snapshots, so each one is stored for about
-    ``keep_last × interval``; requests default to one PUT per 64 MiB part.
+    ``keep_last × interval``; requests default to one PUT per ``part_bytes`` (the S3 store's part size,
+    ``S3Config.part_size``) plus two (the part record and the manifest).
     """
     if stall < 0 or nbytes < 0 or gpus < 1 or gpu_hour_usd <= 0 or interval <= 0 or keep_last < 1:
         raise ConfigError("snapshot_cost: stall, nbytes >= 0; gpus, keep_last >= 1; price and interval > 0")
-    parts = requests if requests is not None else max(1, int(nbytes // (64 << 20)) + 2)
+    parts = requests if requests is not None else max(1, int(nbytes // part_bytes) + 2)
     gb = nbytes / _GB
     dollars = (
         parts * prices.put_per_1000 / 1000.0

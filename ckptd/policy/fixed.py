@@ -14,7 +14,7 @@ _SPEC = re.compile(r"^every:(?P<n>\d+(?:\.\d+)?)(?P<unit>s|m|h)?$")
 
 @dataclass(frozen=True)
 class EverySteps:
-    """Snapshot every ``n`` steps (and after the first step when none exists yet)."""
+    """Snapshot after every ``n``-th finished step: steps n-1, 2n-1, ... counted from 0 (no first-step snapshot)."""
 
     n: int
 
