@@ -156,8 +156,8 @@ class Supervisor:
     """Runs one job until it succeeds, is preempted or runs out of restarts. Not thread-safe."""
 
     def __init__(self, config: RunConfig, *, bad_gpus: Callable[[], set[int]] | None = None) -> None:
+        from .daemon.client import read_bad_gpus
         from .daemon.server import default_socket
-        from .daemon.service import read_bad_gpus
 
         self.config = config
         self.socket = config.socket or default_socket()

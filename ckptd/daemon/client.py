@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -171,3 +172,12 @@ def status_of(path: str | None = None) -> dict:
     if not reply.ok:
         raise DaemonUnavailable(f"daemon at {path}: {reply.error}")
     return reply.status
+
+
+def read_bad_gpus(socket_path: str) -> set[int]:
+    """GPUs the daemon at ``socket_path`` marked bad (for ``ckptd run``); empty if none or no daemon."""
+    try:
+        with open(socket_path + ".state.json") as f:
+            return {int(g) for g in json.load(f).get("bad_gpus", {})}
+    except (OSError, ValueError):
+        return set()

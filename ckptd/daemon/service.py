@@ -417,12 +417,3 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
-
-
-def read_bad_gpus(socket_path: str) -> set[int]:
-    """GPUs the daemon at ``socket_path`` marked bad (for ``ckptd run``); empty if none or no daemon."""
-    try:
-        with open(socket_path + ".state.json") as f:
-            return {int(g) for g in json.load(f).get("bad_gpus", {})}
-    except (OSError, ValueError):
-        return set()

@@ -26,9 +26,8 @@ import torch
 
 from ..errors import SnapshotCorrupt, UnsafeSnapshot
 from ..snapshot.flatten import unflatten
-from ..snapshot.image import read_header
+from ..snapshot.image import read_header, tensor_dtype
 from ..snapshot.manifest import FileEntry, Item, Manifest
-from ..snapshot.write import tensor_dtype
 from .read import Piece, read_pieces
 
 

@@ -280,3 +280,11 @@ def _unpickle_header(pickled: bytes) -> RecordHeader:
         raise ValueError("its tensor is not the whole of its storage, contiguous")
     dtype, numel = storages[0]
     return RecordHeader(value.dtype, tuple(value.shape), numel * dtype.itemsize)
+
+
+def tensor_dtype(name: str) -> torch.dtype:
+    """The torch dtype a manifest names; ValueError for anything else."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{name!r} is not a torch dtype")
+    return dtype
