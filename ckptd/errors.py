@@ -14,6 +14,7 @@
     │   └── NoGoodSnapshot     snapshots exist, and none of them verifies
     ├── IncompatibleSnapshot   a snapshot does not fit the objects to restore
     ├── UnsafeSnapshot         a snapshot asks to unpickle code or escape its directory
+    ├── LedgerCorrupt          an object of the goodput ledger is not a valid record page
     ├── DaemonUnavailable      no node daemon answers at the socket (also an OSError)
     └── ProtocolError          a daemon message or frame is not valid (also a ValueError)
 
@@ -38,6 +39,7 @@ __all__ = [
     "NoGoodSnapshot",
     "IncompatibleSnapshot",
     "UnsafeSnapshot",
+    "LedgerCorrupt",
     "DaemonUnavailable",
     "ProtocolError",
 ]
@@ -101,6 +103,10 @@ class IncompatibleSnapshot(CkptdError):
 
 class UnsafeSnapshot(SnapshotCorrupt):
     """A snapshot names a path outside itself or a type that is not plain data."""
+
+
+class LedgerCorrupt(CkptdError):
+    """An object under the store's goodput ledger is not a valid page of records."""
 
 
 class DaemonUnavailable(CkptdError, OSError):
