@@ -28,6 +28,7 @@ from ._persist_client import PersistClient
 from ._restore_session import agree, choose
 from .config import CheckpointerConfig
 from .errors import CkptdError, ConfigError, NoGoodSnapshot, NoSnapshot, SnapshotError
+from .ledger.recorders import TrainingRecorder
 from .measure import Measurements
 from .persist import retention
 from .persist.lease import env_job_id
@@ -169,7 +170,15 @@ class Checkpointer:
         self._warned_backlog = False
         self._pool_prepared = False
         self._step_seen = 0
-        self._progress = ProgressWriter()
+        self._progress = ProgressWriter(
+            ledger=TrainingRecorder.open(
+                tiers.remote or tiers.local,
+                job=self._ranks.job,
+                rank=self._ranks.rank,
+                gpus=self.config.gpus or self._ranks.world_size,
+                policy=self.policy,
+            )
+        )
         self._opened.append(self._progress.close)
         self._preempt = PreemptionWatch() if self.config.handle_sigterm else None
         if self._preempt is not None:
@@ -451,6 +460,7 @@ class Checkpointer:
             self._inflight.append(handle)
         self._persist.submit(self._write, handle, staged, dict(metrics), meta)
         self.measure.snapshot_started(step, time.monotonic())
+        self._progress.snapshot(step, handle, self._pool.nbytes)
         return handle
 
     def _prepare_pool(self) -> None:

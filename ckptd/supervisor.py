@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .ledger.recorders import RunRecorder
 from .persist.lease import env_job_id
 from .preempt import EXIT_PREEMPTED
 from .progress import ENV as PROGRESS_ENV
@@ -171,6 +172,8 @@ class Supervisor:
         self.job = env_job_id() or f"run-{socket.gethostname()}-{os.getpid()}-{int(time.time())}"
         self._restarts: list[Restart] = []
         self._run_started = time.monotonic()
+        self._ledger = RunRecorder(config.store, self.job)  # launches and exits, for the goodput ledger
+        self._outcome: tuple[int | None, str] = (None, "ended")
 
     def run(self) -> RunSummary:
         t0 = time.monotonic()
@@ -183,6 +186,7 @@ class Supervisor:
             for s, h in previous.items():
                 signal.signal(s, h)
             self._stop_daemon()
+            self._ledger.close(*self._outcome)
             shutil.rmtree(self._workdir, ignore_errors=True)
         summary.wall_s = time.monotonic() - t0
         return summary
@@ -261,6 +265,7 @@ class Supervisor:
     def _finish(self, outcome: str, code: int, restarts: list[Restart]) -> RunSummary:
         """Account for the restarts while the progress file still exists."""
         self._account(restarts)
+        self._outcome = (code, outcome)
         return RunSummary(outcome, code, restarts)
 
     def _env(self) -> dict[str, str]:
@@ -325,12 +330,14 @@ class Supervisor:
     def _launch_and_wait(self) -> tuple[int, float, float]:
         """Run the job once; return its exit code, a bound on how late its end was seen, and when."""
         self._child = subprocess.Popen(self._command(), env=self._env(), start_new_session=True)
+        self._ledger.launched()
         killed_at = None
         seen_alive = time.time()
         while True:
             code = self._child.poll()
             if code is not None:
                 now = time.time()
+                self._ledger.exited(code, describe_exit(code), seen_alive, now)
                 return code, now - seen_alive, now
             seen_alive = time.time()
             if self._sigterm_at is not None and killed_at is None:

@@ -44,7 +44,7 @@ class RiskAwarePolicy:
     max_interval: float = 30 * 60.0
     """Longest time between snapshots, whatever the maths says (at most half an hour of work lost)."""
     restart: float = 120.0
-    """Expected seconds to restart after a failure (for the waste estimate)."""
+    """Expected seconds to restart after a failure (for the waste estimate), until the ledger measured it."""
     gpu_hour_usd: float = 2.0
     """Price of one GPU-hour, to turn storage dollars into job seconds."""
     keep_last: int = 3
@@ -66,6 +66,8 @@ class RiskAwarePolicy:
         )
         self._last_now: float | None = None
         self._last: dict[str, Any] = {}
+        self._measured: dict[str, Any] = {}
+        """Figures of earlier launches (the goodput ledger): used where this process has not measured yet."""
 
     # -- what the hook and the daemon call ---------------------------------
 
@@ -93,6 +95,17 @@ class RiskAwarePolicy:
         """Hours the job ran before this process (earlier launches), calm, for the rate estimate."""
         self.rate.hours += max(0.0, hours)
 
+    def use_measured(
+        self, *, stall: float | None = None, restart: float | None = None, lost: float | None = None, source: str = ""
+    ) -> None:
+        """Figures the job measured before this process (its goodput ledger): the stall per snapshot,
+        used until this process measures its own; restart and lost seconds per failure, which replace the
+        ``restart`` default in the expected waste and are shown next to the model's."""
+        for name, value in (("stall", stall), ("restart", restart), ("lost", lost)):
+            if value is not None and not 0 <= value < float("inf"):
+                raise ConfigError(f"measured {name}={value!r}: must be a finite number of seconds >= 0")
+        self._measured = {"stall": stall, "restart": restart, "lost": lost, "source": source or "measured"}
+
     def explain(self) -> dict[str, Any]:
         """The inputs of the last decision and the interval they gave."""
         return dict(self._last)
@@ -101,7 +114,16 @@ class RiskAwarePolicy:
 
     def decide(self, ctx: PolicyContext) -> dict[str, Any]:
         """The interval for ``ctx`` and everything it came from."""
-        stall = ctx.stall or 0.0
+        m = self._measured
+        if ctx.stall is not None:
+            stall, stall_from = ctx.stall, "this process"
+        elif m.get("stall") is not None:
+            stall, stall_from = m["stall"], m["source"]
+        else:
+            stall, stall_from = 0.0, "not measured yet"
+        restart, restart_from = (
+            (m["restart"], m["source"]) if m.get("restart") is not None else (self.restart, "default")
+        )
         risk = self.rate.multiplier(ctx.now)
         rate = self.rate.rate(ctx.gpus, ctx.now)
         mtbf = 1.0 / rate
@@ -131,6 +153,11 @@ class RiskAwarePolicy:
             "daly": daly,
             "cost_s": cost.total,
             "stall_s": stall,
+            "stall_from": stall_from,
+            "restart_s": restart,
+            "restart_from": restart_from,
+            "lost_s": m.get("lost"),
+            "lost_from": m["source"] if m.get("lost") is not None else None,
             "money_s": cost.money_s,
             "dollars_per_snapshot": cost.dollars,
             "persist_s": ctx.persist,
@@ -143,6 +170,6 @@ class RiskAwarePolicy:
             "per_hour": self.rate.posterior_per_hour(ctx.gpus),
             "hours_seen": self.rate.hours,
             "signals": [s.reason for s in self.rate.signals],
-            "expected_waste": expected_waste(max(interval, 1e-9), cost.total, mtbf, self.restart, ctx.persist or 0),
+            "expected_waste": expected_waste(max(interval, 1e-9), cost.total, mtbf, restart, ctx.persist or 0),
         }
         return self._last
