@@ -221,7 +221,7 @@ def account(records: Iterable[Record], config: AccountConfig | None = None) -> A
         energy_how=how,
         storage_usd=_storage_usd(trains, gpus, config, t_end),
         snapshots=snaps,
-        failures=tuple(_failures(attempts, segments)),
+        failures=tuple(_failures(attempts, segments, [r for r in records if r.kind == "stop"])),
         step_time_s=statistics.median(rates) if rates else None,
         stall_per_snapshot_s=sum(r.stall_s for r in trains) / snaps if snaps else None,
         launches=len(attempts),
@@ -362,7 +362,7 @@ def _sweep(paint: list[_Paint], t0: float, t1: float) -> list[Segment]:
     return out
 
 
-def _failures(attempts: list[_Attempt], segments: list[Segment]) -> list[Failure]:
+def _failures(attempts: list[_Attempt], segments: list[Segment], daemon: list[Record]) -> list[Failure]:
     """Each launch that was killed, or that ``ckptd run`` relaunched: what it lost, and its way back."""
     out = []
     for a, nxt in zip(attempts, attempts[1:]):
@@ -373,10 +373,12 @@ def _failures(attempts: list[_Attempt], segments: list[Segment]) -> list[Failure
         last_hook = max((r.t1 for r in a.hook), default=a.launch)
         resumed = _resumed_from(attempts[attempts.index(nxt) :])
         last = max((r.step1 for r in a.hook if r.kind == "train" and r.step1 is not None), default=None)
+        stops = [r.note for r in daemon if r.kind == "stop" and r.note and a.launch <= r.t0 <= a.end]
+        exit_note = a.exit.note if a.exit is not None and a.exit.note else "the process ended"
         out.append(
             Failure(
                 at=a.end,
-                cause=a.exit.note if a.exit is not None and a.exit.note else "the process ended",
+                cause=f"{stops[0]} ({exit_note})" if stops else exit_note,
                 lost_s=_within(segments, a.launch, a.end, "lost"),
                 steps_redone=None if last is None or resumed is None else max(0, last - resumed),
                 restart_s=_within(segments, last_hook, back, "restart"),

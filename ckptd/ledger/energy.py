@@ -89,7 +89,7 @@ def attribute_energy(
     records: Sequence[Record], segments: list[Segment], gpus: int, watts: float
 ) -> tuple[dict[str, float], float, float, tuple[str, ...]]:
     """Joules by cause (measured, estimated, how): the daemon's records where they cover the time, else
-    ``watts`` × ``gpus`` × time (never for paused time: no GPU is held then)."""
+    ``watts`` × ``gpus`` × time; none for paused time (the job holds no GPU then)."""
     out = {c: 0.0 for c in CAUSES}
     measured = estimated = 0.0
     how: list[str] = []
@@ -105,13 +105,15 @@ def attribute_energy(
         i = max(0, bisect.bisect_right(starts, r.t0) - 1)
         while i < len(segments) and segments[i].t0 < r.t1:
             s = segments[i]
+            i += 1
+            if s.cause == "paused":  # the job held no GPU then: what they drew was someone else's
+                continue
             j = rate * max(0.0, min(s.t1, r.t1) - max(s.t0, r.t0))
             out[s.cause] += j
             if r.estimate:
                 estimated += j
             else:
                 measured += j
-            i += 1
     guessed = 0.0
     for s, covered in zip(segments, _coverage(segments, [(r.t0, r.t1) for r in energy])):
         bare = (s.t1 - s.t0) - covered

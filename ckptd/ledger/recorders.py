@@ -50,8 +50,7 @@ class TrainingRecorder:
         if rank != 0:
             return None
         book = LedgerBook(store, job=job, source="hook", flush_every=SPAN_EVERY)
-        feed = PolicyFeed(store, job, policy) if callable(getattr(policy, "use_measured", None)) else None
-        return cls(book, gpus=gpus, feed=feed)
+        return cls(book, gpus=gpus, feed=PolicyFeed(store, policy))
 
     def event(self, kind: str, t: float, fields: dict[str, Any]) -> None:
         if kind == "start":  # from the process's creation: its imports are the job's time too
@@ -135,10 +134,11 @@ def _created(default: float) -> float:
 
 
 class PolicyFeed:
-    """Reads the ledger in the background once; ``apply()`` (training thread) gives the policy its figures."""
+    """Reads the store's ledger in the background once; ``apply()`` (training thread) gives the policy its
+    figures, if it takes them (``use_measured``), and says what they are either way."""
 
-    def __init__(self, store: Store, job: str, policy: Any) -> None:
-        self._store, self._job, self._policy = store, job, policy
+    def __init__(self, store: Store, policy: Any) -> None:
+        self._store, self._policy = store, policy
         self._inputs: dict[str, Any] | None = None
         self._done = threading.Event()
         threading.Thread(target=self._read, name="ckptd-ledger-feed", daemon=True).start()
@@ -160,22 +160,24 @@ class PolicyFeed:
         i = self._inputs
         if not i:
             return
-        try:
-            self._policy.use_measured(
-                stall=i["stall_s"], restart=i["restart_s"], lost=i["lost_s"], source=f"ledger of {self._store.uri}"
-            )
-        except (CkptdError, ValueError) as e:
-            log.warning("ckptd: the policy refused the ledger's figures: %s", e)
-            return
+        use = getattr(self._policy, "use_measured", None)
+        taken = "feed the policy" if callable(use) else f"(the policy {type(self._policy).__name__} does not use them)"
+        if callable(use):
+            try:
+                use(stall=i["stall_s"], restart=i["restart_s"], lost=i["lost_s"], source=f"ledger of {self._store.uri}")
+            except (CkptdError, ValueError) as e:
+                log.warning("ckptd: the policy refused the ledger's figures: %s", e)
+                return
         log.info(
             "ckptd: goodput ledger of %s: stall %s per snapshot (%d snapshots), restart %s and lost work %s "
-            "per failure (%d failures) feed the policy",
+            "per failure (%d failures) %s",
             self._store.uri,
             _s(i["stall_s"]),
             i["snapshots"],
             _s(i["restart_s"]),
             _s(i["lost_s"]),
             i["failures"],
+            taken,
         )
 
 
