@@ -429,6 +429,68 @@ def plot_cmd(store: str, output: str) -> None:
     click.echo(f"wrote {output} ({n} snapshots)")
 
 
+# -- goodput -------------------------------------------------------------------
+
+
+@main.command("goodput")
+@click.argument("store")
+@click.option("--job", default=None, help="One job id (default: every job of the store, in time order).")
+@click.option("--json", "as_json", is_flag=True, help="JSON for scripts, every figure and the timeline's segments.")
+@click.option("--plot", "plot_path", default=None, help="Write a PNG: a stacked timeline of goodput and badput.")
+@click.option("--gpus", type=click.IntRange(min=1), default=None, help="GPUs the job holds (default: as recorded).")
+@click.option(
+    "--gpu-hour-usd", type=click.FloatRange(min=0), default=2.0, show_default=True, help="Price of a GPU-hour."
+)
+@click.option(
+    "--gpu-watts",
+    type=click.FloatRange(min=0),
+    default=700.0,
+    show_default=True,
+    help="Power per GPU where no daemon measured energy (an estimate, labelled as one).",
+)
+@_user_errors
+def goodput_cmd(store, job, as_json, plot_path, gpus, gpu_hour_usd, gpu_watts) -> None:
+    """How much of the job's time was training: goodput, and badput by cause, in hours, dollars and kWh.
+
+    From the ledger the hook, `ckptd run` and the daemon keep in STORE (.ckptd/ledger/).
+    """
+    from .ledger.account import AccountConfig
+    from .tools import goodput as gp
+
+    acc, problems = gp.read_account(
+        _open(store), job, AccountConfig(gpus=gpus, gpu_hour_usd=gpu_hour_usd, gpu_watts=gpu_watts)
+    )
+    for p in problems:
+        click.echo(f"ckptd: {p}", err=True)
+    f = acc.to_dict()
+    if plot_path:
+        from .ledger.plot import plot_goodput
+
+        plot_goodput(acc, plot_path, title=store)
+    if as_json:
+        _json({"store": store, "job": job, "skipped": problems, **f})
+        return
+    _print_goodput(f, title=f"{store}{f' job {job}' if job else ''}")
+    if plot_path:
+        click.echo(f"wrote {plot_path}")
+
+
+def _print_goodput(f: dict, *, title: str) -> None:
+    from .tools import goodput as gp
+
+    click.echo(f"{title}: {gp.headline(f)}")
+    table = _table("where the time went", ["cause", "seconds", "share", "GPU-h", "$", "kWh", "what"])
+    for row in gp.cause_rows(f):
+        table.add_row(*row)
+    _print(table)
+    click.echo(gp.energy_line(f))
+    if f["failures"]:
+        table = _table("failures", ["#", "cause", "lost s", "steps redone", "restart s", "hang s"])
+        for row in gp.failure_rows(f):
+            table.add_row(*row)
+        _print(table)
+
+
 # -- daemon, status, health -----------------------------------------------------
 
 
@@ -503,9 +565,34 @@ def plot_cmd(store: str, output: str) -> None:
     show_default=True,
     help="Seconds before a silent connection is closed (CKPTD_IDLE_TIMEOUT).",
 )
+@click.option(
+    "--ledger-every",
+    type=click.FloatRange(min=0.1),
+    envvar="CKPTD_LEDGER_EVERY",
+    default=30.0,
+    show_default=True,
+    help="Seconds per GPU energy record in the goodput ledger, and between goodput refreshes (CKPTD_LEDGER_EVERY).",
+)
+@click.option(
+    "--job",
+    envvar="CKPTD_JOB",
+    default=None,
+    help="The job this daemon serves (CKPTD_JOB; ckptd run sets it): its GPU energy is metered from the start.",
+)
 @_user_errors
 def daemon_cmd(
-    store, socket_path, metrics_port, poll, hang_factor, hang_floor, grace, log_file, max_clients, idle_timeout
+    store,
+    socket_path,
+    metrics_port,
+    poll,
+    hang_factor,
+    hang_floor,
+    grace,
+    log_file,
+    max_clients,
+    idle_timeout,
+    ledger_every,
+    job,
 ) -> None:
     """The node sidecar: GPU and host health, hang detection, uploads that outlive the trainer."""
     import faulthandler
@@ -529,6 +616,8 @@ def daemon_cmd(
         max_clients=max_clients,
         idle_timeout=idle_timeout,
         log_file=os.path.abspath(log_file) if log_file else None,
+        ledger_every=ledger_every,
+        job=job,
     )
     Daemon(cfg).run()
 
@@ -573,6 +662,8 @@ def status_cmd(socket_path: str | None, as_json: bool) -> None:
         )
     _print(table)
     _print_gpus(st["gpus"], st["bad_gpus"])
+    for job, f in sorted(st.get("goodput", {}).items()):
+        _print_goodput(f, title=f"job {job}")
 
 
 def _print_gpus(gpus: list, bad: dict) -> None:

@@ -245,7 +245,12 @@ class Supervisor:
         # Its own file, so its log (and boto's) never mixes into the job's output; `ckptd status` names it.
         with open(log_file, "a") as out:
             self._daemon = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "CKPTD_JOB": self.job},  # its energy metering starts with the run
             )
         log.info("ckptd run: the node daemon logs to %s", log_file)
         deadline = time.monotonic() + 15

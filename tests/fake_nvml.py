@@ -5,7 +5,9 @@ $FAKE_NVML_TIMELINE names a JSON file: {"gpus": N, "missing": bool, "not_support
 {"t", "gpu", "set": {counter: value}}]}; an event with "when_exists": PATH instead of "t" happens once
 PATH exists (a test's cue, so a fault lands while the job runs however slowly it started).
 Counters: ecc_uncorrected, ecc_corrected, remap_pending, remap_failed, retired_pending,
-clock_reasons, temperature, pcie_replays, lost, processes (pids computing on the GPU).
+clock_reasons, temperature, pcie_replays, lost, processes (pids computing on the GPU), power_w (the
+power drawn: the total-energy counter, in mJ as pynvml gives it, grows by it), power_limit_w.
+"power_w" at the top level sets every GPU's starting power (default 300).
 A function named in "not_supported" raises NVMLError_NotSupported, as older drivers do.
 Identity follows pynvml: name and UUID as str, PCI info a struct whose busId is bytes.
 """
@@ -112,6 +114,7 @@ def nvmlInit() -> None:
     if tl.get("missing"):
         raise NVMLError_LibraryNotFound()
     _state.update(
+        grown_to=0.0,
         t0=time.monotonic(),
         tl=tl,
         applied=0,
@@ -129,6 +132,9 @@ def nvmlInit() -> None:
                 "pcie_replays": 0,
                 "lost": False,
                 "processes": [],
+                "power_w": tl.get("power_w", 300.0),
+                "power_limit_w": 700.0,
+                "energy_mj": 0.0,
             }
             for _ in range(tl.get("gpus", 1))
         ],
@@ -142,12 +148,23 @@ def _advance() -> None:
     all_events = _state["tl"].get("events", [])
     events = sorted((e for e in all_events if "t" in e), key=lambda e: e["t"])
     while _state["applied"] < len(events) and events[_state["applied"]]["t"] <= now:
+        _grow(events[_state["applied"]]["t"])
         _apply(events[_state["applied"]])
         _state["applied"] += 1
+    _grow(now)
     for i, ev in enumerate(all_events):
         if "when_exists" in ev and i not in _state["cued"] and os.path.exists(ev["when_exists"]):
             _state["cued"].add(i)
             _apply(ev)
+
+
+def _grow(t: float) -> None:
+    """Every GPU's energy counter grows by its power until ``t`` (seconds after nvmlInit)."""
+    dt = t - _state["grown_to"]
+    if dt > 0:
+        for g in _state["gpus"]:
+            g["energy_mj"] += g["power_w"] * dt * 1000.0
+        _state["grown_to"] = t
 
 
 def _apply(ev: dict) -> None:
@@ -256,3 +273,15 @@ def nvmlDeviceGetPciInfo(handle: int) -> _PciInfo:
     _gpu(handle)
     _supported("nvmlDeviceGetPciInfo")
     return _PciInfo(bus_id(handle).encode(), 0, 0x18 + handle, 0)
+
+
+def nvmlDeviceGetTotalEnergyConsumption(handle: int) -> int:
+    g = _gpu(handle)
+    _supported("nvmlDeviceGetTotalEnergyConsumption")
+    return int(g["energy_mj"])
+
+
+def nvmlDeviceGetEnforcedPowerLimit(handle: int) -> int:
+    g = _gpu(handle)
+    _supported("nvmlDeviceGetEnforcedPowerLimit")
+    return int(g["power_limit_w"] * 1000)

@@ -1,4 +1,4 @@
-"""Prometheus text on 127.0.0.1: jobs, steps, snapshots, backlog, GPU health, identity and jobs."""
+"""Prometheus text on 127.0.0.1: jobs, steps, snapshots, backlog, GPU health, identity and jobs, goodput."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ class Metrics:
         )
         self.gpu_job = g("ckptd_gpu_job", "Always 1: a job's rank on a GPU", ["gpu", "uuid", "job", "pid", "rank"])
         self.bad = g("ckptd_bad_gpus", "GPUs marked bad")
+        # The goodput ledger's figures, as `ckptd goodput STORE --job JOB --json` gives them (refreshed by the daemon).
+        self.goodput = g("ckptd_goodput_ratio", "Productive time over the time the job held its GPUs", ["job"])
+        self.productive = g("ckptd_productive_seconds_total", "Seconds of steps whose work was kept", ["job"])
+        self.badput = g("ckptd_badput_seconds_total", "Seconds not spent on kept work, by cause", ["job", "cause"])
+        self.energy = g("ckptd_energy_joules_total", "GPU energy by cause (measured or estimated)", ["job", "cause"])
         self.server, self.thread = start_http_server(port, addr="127.0.0.1", registry=self.registry)
 
     def update(self, daemon: Any) -> None:
@@ -50,6 +55,13 @@ class Metrics:
             for j in gpu["jobs"]:
                 self.gpu_job.labels(index, gpu["uuid"], j["job"], str(j["pid"]), str(j["rank"])).set(1)
         self.bad.set(len(status["bad_gpus"]))
+        for job, f in status.get("goodput", {}).items():
+            self.goodput.labels(job).set(f["goodput_ratio"])
+            self.productive.labels(job).set(f["seconds"]["productive"])
+            for cause, seconds in f["badput_s"].items():
+                self.badput.labels(job, cause).set(seconds)
+            for cause, joules in f["energy_j"].items():
+                self.energy.labels(job, cause).set(joules)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -14,6 +14,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..ledger.energy import GpuEnergy
+
 log = logging.getLogger("ckptd.daemon")
 
 # NVIDIA's XID catalogue: errors whose resolution is a GPU reset or a node reboot.
@@ -79,6 +81,7 @@ class NvmlHealthSource:
         self._events = None
         self._prev: dict[int, dict[str, int]] = {}
         self._slow: dict[int, int] = {}
+        self._unsupported: set[tuple[int, str]] = set()
         try:
             self.nvml = importlib.import_module(self.module_name)
             self.nvml.nvmlInit()
@@ -135,6 +138,30 @@ class NvmlHealthSource:
             self._counters(report, handle)
             report.processes = self._processes(handle)
         return reports
+
+    def energy(self) -> list[GpuEnergy]:
+        """Each GPU's total-energy counter (mJ) and enforced power limit (W), None where unsupported."""
+        if self.unavailable:
+            return []
+        out = []
+        for i, h in enumerate(self.handles):
+            mj = self._optional(i, "nvmlDeviceGetTotalEnergyConsumption", h)
+            limit = self._optional(i, "nvmlDeviceGetEnforcedPowerLimit", h)
+            out.append(GpuEnergy(i, None if mj is None else int(mj), None if limit is None else limit / 1000.0))
+        return out
+
+    def _optional(self, index: int, fn: str, *args: Any) -> Any:
+        """``fn(*args)``, or None; a function the GPU does not support is not asked again."""
+        if (index, fn) in self._unsupported:
+            return None
+        try:
+            return getattr(self.nvml, fn)(*args)
+        except AttributeError:
+            self._unsupported.add((index, fn))
+        except self.nvml.NVMLError as e:
+            if type(e).__name__ in ("NVMLError_NotSupported", "NVMLError_FunctionNotFound"):
+                self._unsupported.add((index, fn))
+        return None
 
     def _processes(self, h: Any) -> list[int] | None:
         try:

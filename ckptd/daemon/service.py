@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..errors import CkptdError
+from ..ledger.watch import LedgerWatch
 from .host import alive, host_report
 from .nvml import GpuReport, NvmlHealthSource
 from .protocol import Command, Committed, Failure, Heartbeat, Register, Reply, Status
@@ -57,6 +58,11 @@ class DaemonConfig:
     """Seconds a connection may stay silent before the daemon closes it (hooks reconnect)."""
     log_file: str | None = None
     """Where the daemon's log goes (shown by ``ckptd status``); None: stderr."""
+    job: str | None = None
+    """The job this daemon was started for (``ckptd run`` passes CKPTD_JOB): with ``store``, its GPUs' energy
+    goes to its goodput ledger from the daemon's start, before the job's first process registers."""
+    ledger_every: float = 30.0
+    """Seconds per GPU energy record in the jobs' goodput ledgers, and between refreshes of their figures."""
 
     @property
     def state_file(self) -> str:
@@ -109,6 +115,9 @@ class Daemon:
         """Uploads and sweeps, run by one thread: nothing that touches the network holds ``_lock``."""
         self._worker = threading.Thread(target=self._work_loop, name="ckptd-daemon-work", daemon=True)
         self.nvml = NvmlHealthSource()
+        self.ledger = LedgerWatch(every=config.ledger_every)
+        if config.store and config.job:  # a relative store is ckptd run's, whose directory this daemon shares
+            self.ledger.expect(config.store if "://" in config.store else os.path.abspath(config.store), config.job)
         self.server = SocketServer(
             config.socket, self.handle, max_clients=config.max_clients, idle_timeout=config.idle_timeout
         )
@@ -271,6 +280,7 @@ class Daemon:
     def tick(self) -> None:
         """One round: GPUs, jobs' liveness and progress, stops past their grace, state file."""
         reports = self.nvml.poll()
+        energy = self.nvml.energy()
         with self._lock:
             self.gpus = reports
             for r in reports:
@@ -285,6 +295,7 @@ class Daemon:
                     r.state, r.reasons = "fatal", [f"marked bad: {self.bad_gpus[r.index]}"] + r.reasons
             self._watch_jobs()
             self._write_state()
+            self.ledger.tick(time.time(), energy, self.jobs.values(), set(self.bad_gpus))
         if self._metrics is not None:
             self._metrics.update(self)
 
@@ -311,6 +322,7 @@ class Daemon:
         for pid, job in list(self.jobs.items()):
             if not alive(pid):
                 self._event("job gone", pid=pid, step=job.step, reason=job.stop_reason or "exited")
+                self.ledger.gone(job, time.time())
                 del self.jobs[pid]
                 self._work.put((self._sweep, job))
                 continue
@@ -322,11 +334,13 @@ class Daemon:
             limit = max(self.config.hang_floor, self.config.hang_factor * median) if median else None
             if limit is not None and now - job.last_beat > limit:
                 self._event("hang", pid=pid, step=job.step, silent_s=round(now - job.last_beat, 1))
+                self.ledger.hang(job, now - job.last_beat, time.time())
                 _signal(pid, signal.SIGUSR1)  # the hook dumps every thread's stack
                 self._stop_job(job, f"no progress for {now - job.last_beat:.0f} s (limit {limit:.0f} s)")
 
     def _stop_job(self, job: Job, reason: str) -> None:
         job.stopping, job.stop_reason = time.monotonic(), reason
+        self.ledger.stopping(job, reason, time.time())
         if not any(j.job == job.job and j.stopping is not None for j in self.jobs.values() if j is not job):
             self.faults[job.job] = self.faults.get(job.job, 0) + 1  # one fault stops every rank: count it once
         self._event("stop job", pid=job.pid, reason=reason)
@@ -367,6 +381,7 @@ class Daemon:
                 "backlog": sum(len(p.backlog) for p in list(self._uploaders.values())),
                 "host": asdict(host_report([os.path.dirname(self.config.socket)])),
                 "events": self.events[-20:],
+                "goodput": self.ledger.figures(),
             }
 
     def _jobs_on(self, gpu: GpuReport) -> list[dict[str, Any]]:
@@ -392,6 +407,7 @@ class Daemon:
         for up in list(self._uploaders.values()):
             up.close(wait=True)
         self.nvml.close()
+        self.ledger.close()
         if self._metrics is not None:
             self._metrics.close()
 

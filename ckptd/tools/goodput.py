@@ -1,0 +1,95 @@
+"""``ckptd goodput`` and the goodput lines of ``ckptd status``: a store's ledger accounted, as rows (no torch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import NoSnapshot
+from ..ledger.account import Account, AccountConfig, account
+from ..ledger.book import read_ledger
+from ..ledger.causes import CAUSES, MEANING
+from ..store.base import Store
+
+
+def read_account(store: Store, job: str | None, config: AccountConfig) -> tuple[Account, list[str]]:
+    """The account of ``job`` (default: every job of the store) and the ledger pages skipped, with why."""
+    ledger = read_ledger(store, job)
+    records = ledger.records(job)
+    if not records:
+        where = f"job {job} in {store.uri}" if job else store.uri
+        raise NoSnapshot(
+            f"{where} has no goodput ledger (.ckptd/ledger/); jobs write one from this version on"
+            + (f"; jobs in it: {', '.join(sorted(ledger.jobs))}" if ledger.jobs else "")
+        )
+    return account(records, config), ledger.problems
+
+
+def headline(f: dict[str, Any]) -> str:
+    held = f["held_s"]
+    return (
+        f"goodput {f['goodput_ratio'] * 100:.1f}% of the {_dur(held)} the job held {f['gpus']} GPU(s); "
+        f"wall {_dur(f['wall_s'])}, {f['launches']} launch(es), {len(f['failures'])} failure(s), "
+        f"{f['snapshots']} snapshots"
+    )
+
+
+def cause_rows(f: dict[str, Any]) -> list[list[str]]:
+    """cause, seconds, share of wall, GPU-hours, dollars, kWh, meaning; then the total."""
+    wall = f["wall_s"] or 1.0
+    rows = []
+    for c in CAUSES:
+        rows.append(
+            [
+                c,
+                f"{f['seconds'][c]:.1f}",
+                f"{f['seconds'][c] / wall * 100:.1f}%",
+                f"{f['gpu_hours'][c]:.4f}",
+                f"{f['dollars'][c]:.4f}",
+                f"{f['energy_j'][c] / 3.6e6:.5f}",
+                MEANING[c],
+            ]
+        )
+    rows.append(
+        [
+            "total",
+            f"{sum(f['seconds'].values()):.1f}",
+            "100.0%",
+            f"{sum(f['gpu_hours'].values()):.4f}",
+            f"{sum(f['dollars'].values()):.4f}",
+            f"{sum(f['energy_j'].values()) / 3.6e6:.5f}",
+            f"wall time; + ${f['storage_usd']:.5f} snapshot storage and requests",
+        ]
+    )
+    return rows
+
+
+def energy_line(f: dict[str, Any]) -> str:
+    total = f["energy_measured_j"] + f["energy_estimated_j"]
+    how = "; ".join(f["energy_how"]) or "none"
+    return (
+        f"energy {total / 3.6e6:.4f} kWh ({f['energy_measured_j'] / 3.6e6:.4f} measured, "
+        f"{f['energy_estimated_j'] / 3.6e6:.4f} estimated): {how}"
+    )
+
+
+def failure_rows(f: dict[str, Any]) -> list[list[str]]:
+    """#, cause, lost s, steps redone, restart s, hang s."""
+    return [
+        [
+            str(i),
+            x["cause"],
+            f"{x['lost_s']:.1f}",
+            "-" if x["steps_redone"] is None else f">= {x['steps_redone']}",
+            f"{x['restart_s']:.1f}",
+            f"{x['hang_s']:.1f}",
+        ]
+        for i, x in enumerate(f["failures"], 1)
+    ]
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"
