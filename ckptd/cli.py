@@ -839,12 +839,11 @@ def _seconds(text: str) -> float:
 @click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, help="GPUs the job uses.")
 @click.option(
     "--stall",
-    default="0.5s",
-    show_default=True,
-    help="Training stall per snapshot (the hook measures it; `ckptd status` shows it).",
+    default=None,
+    help="Training stall per snapshot [default: the ledger's with --store, else 0.5s].",
 )
 @click.option("--persist", default="10s", show_default=True, help="Time until a snapshot is durable (lower bound).")
-@click.option("--size", default="1", show_default=True, help="Snapshot size in GB (storage cost).")
+@click.option("--size", default=None, help="Snapshot size in GB (storage cost) [default: the ledger's, else 1].")
 @click.option("--per-gpu-hour", type=float, default=None, help="Hardware failures per GPU-hour (default: Llama 3).")
 @click.option(
     "--job-rate",
@@ -855,18 +854,22 @@ def _seconds(text: str) -> float:
 @click.option(
     "--failures",
     type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Failures the job has met so far (`ckptd run` counts its restarts).",
+    default=None,
+    help="Failures the job has met so far [default: the ledger's with --store, else 0].",
 )
-@click.option("--hours", type=float, default=0.0, show_default=True, help="Hours the job has run so far.")
+@click.option("--hours", type=float, default=None, help="Hours the job has run so far [default: as --failures].")
+@click.option(
+    "--store",
+    default=None,
+    help="Take stall, restart and lost work per failure, failures and hours from this store's goodput ledger.",
+)
 @click.option("--risk", type=float, default=1.0, show_default=True, help="Live risk multiplier.")
 @click.option("--gpu-hour-usd", type=float, default=2.0, show_default=True, help="Price of one GPU-hour.")
 @click.option("--json", "as_json", is_flag=True, help="The numbers as JSON.")
 @click.pass_context
 @_user_errors
 def policy_cmd(
-    ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures, hours, risk, gpu_hour_usd, as_json
+    ctx, gpus, stall, persist, size, per_gpu_hour, job_rate, failures, hours, store, risk, gpu_hour_usd, as_json
 ) -> None:
     """The snapshot interval the default policy picks, and the numbers it came from."""
     if ctx.invoked_subcommand is not None:
@@ -875,10 +878,6 @@ def policy_cmd(
 
     from .policy import LLAMA3_JOB_PER_HOUR, LLAMA3_PER_GPU_HOUR, PolicyContext, RiskAwarePolicy
 
-    try:
-        gb = float(size)
-    except ValueError:
-        raise UserError(f"--size {size!r}: give gigabytes, e.g. 1 or 0.5") from None
     p = RiskAwarePolicy(
         fleet_rate=LLAMA3_PER_GPU_HOUR if per_gpu_hour is None else per_gpu_hour,
         job_rate=LLAMA3_JOB_PER_HOUR if job_rate is None else job_rate,
@@ -886,6 +885,25 @@ def policy_cmd(
     )
     if risk > 1:
         p.raise_risk(risk, reason="--risk", now=0.0)
+    measured: dict = {}
+    if store:
+        from .ledger.account import AccountConfig
+        from .tools.goodput import read_account
+
+        measured = read_account(_open(store), None, AccountConfig(gpu_hour_usd=gpu_hour_usd))[0].policy_inputs()
+        p.use_measured(
+            stall=measured["stall_s"],
+            restart=measured["restart_s"],
+            lost=measured["lost_s"],
+            source=f"ledger of {store}",
+        )
+    try:
+        gb = float(size) if size is not None else (measured.get("snapshot_bytes") or 1e9) / 1e9
+    except ValueError:
+        raise UserError(f"--size {size!r}: give gigabytes, e.g. 1 or 0.5") from None
+    failures_from = "--failures/--hours" if failures is not None or not measured else f"ledger of {store}"
+    failures = failures if failures is not None else measured.get("failures", 0)
+    hours = hours if hours is not None else measured.get("hours", 0.0)
     p.record_hours(hours)
     p.record_failure(failures)
     d = p.decide(
@@ -895,7 +913,7 @@ def policy_cmd(
             steps_since=0,
             seconds_since=0.0,
             step_time=None,
-            stall=_seconds(stall),
+            stall=_seconds(stall) if stall is not None else None if measured.get("stall_s") is not None else 0.5,
             persist=_seconds(persist),
             in_flight=0,
             gpus=gpus,
@@ -914,16 +932,17 @@ def policy_cmd(
     rows = [
         ("rate", "hardware", f"{d['hardware_per_hour']:.2g} /h", f"{gpus} GPU(s) x {hw}"),
         ("", "job-level", f"{d['job_per_hour']:.2g} /h", job),
-        ("", "failures seen", f"{failures} in {hours:g} h", "--failures/--hours (ckptd run: its restarts)"),
+        ("", "failures seen", f"{failures} in {hours:.3g} h", failures_from),
         ("", "estimate", f"{d['per_hour']:.2g} /h", "Gamma-Poisson: prior worth 5 failures, updated"),
         ("", "live risk", f"x{d['risk']:.2f}", "--risk (the daemon raises it on degraded GPUs)"),
         ("", "job MTBF", _duration(d["mtbf_s"]), "1 / (estimate x risk)"),
-        ("cost", "stall", f"{d['stall_s']:.2f} s", "--stall (the hook measures it)"),
+        ("cost", "stall", f"{d['stall_s']:.3g} s", _stall_from(stall, d, measured)),
         (
             "",
             "money",
             f"${d['dollars_per_snapshot']:.5f} = {d['money_s']:.3f} s",
-            f"S3 list prices, {size} GB kept 3 times, ${gpu_hour_usd}/GPU-h",
+            f"S3 list prices, {gb:.3g} GB kept 3 times, ${gpu_hour_usd}/GPU-h"
+            + (f" (size: ledger of {store})" if size is None and measured.get("snapshot_bytes") else ""),
         ),
         ("", "C", f"{d['cost_s']:.2f} s", "stall + money"),
         ("interval", "Daly", _duration(d["daly"]), "the optimum of Daly's (2006) model for C and MTBF"),
@@ -936,11 +955,32 @@ def policy_cmd(
         ),
         ("", "max interval", _duration(p.max_interval), "upper bound"),
         ("", "chosen", _duration(d["interval"]), f"the {d['bound']} bound"),
-        ("waste", "expected", f"{d['expected_waste'] * 100:.3f} %", "Daly's model, with restart and persist"),
+        (
+            "waste",
+            "restart",
+            _duration(d["restart_s"]),
+            f"{d['restart_from']}"
+            + (f": mean of {measured['failures']} failures" if d["restart_from"] != "default" else ""),
+        ),
+        (
+            "",
+            "lost / failure",
+            "-" if d["lost_s"] is None else _duration(d["lost_s"]),
+            f"{d['lost_from'] or 'no failure measured'}; the model expects interval/2 = {_duration(d['interval'] / 2)}",
+        ),
+        ("", "expected", f"{d['expected_waste'] * 100:.3f} %", "Daly's model, with restart and persist"),
     ]
     for row in rows:
         table.add_row(*row)
     _print(table)
+
+
+def _stall_from(flag: str | None, d: dict, measured: dict) -> str:
+    if flag is not None:
+        return "--stall"
+    if d["stall_from"].startswith("ledger"):
+        return f"{d['stall_from']}: mean of {measured['snapshots']} snapshots"
+    return "default (--stall; the hook measures it, --store reads it from the ledger)"
 
 
 def _duration(seconds: float) -> str:

@@ -94,6 +94,8 @@ class Account:
     failures: tuple[Failure, ...]
     step_time_s: float | None
     stall_per_snapshot_s: float | None
+    snapshot_bytes: float | None
+    """Mean size of a snapshot."""
     launches: int
 
     @property
@@ -122,6 +124,7 @@ class Account:
         return {
             "stall_s": self.stall_per_snapshot_s,
             "snapshots": self.snapshots,
+            "snapshot_bytes": self.snapshot_bytes,
             "restart_s": statistics.fmean(f.restart_s for f in self.failures) if n else None,
             "lost_s": statistics.fmean(f.lost_s for f in self.failures) if n else None,
             "failures": n,
@@ -224,6 +227,7 @@ def account(records: Iterable[Record], config: AccountConfig | None = None) -> A
         failures=tuple(_failures(attempts, segments, [r for r in records if r.kind == "stop"])),
         step_time_s=statistics.median(rates) if rates else None,
         stall_per_snapshot_s=sum(r.stall_s for r in trains) / snaps if snaps else None,
+        snapshot_bytes=sum(r.nbytes * r.snapshots for r in trains) / snaps if snaps else None,
         launches=len(attempts),
     )
 
