@@ -170,6 +170,8 @@ class _Attempt:
     launch: float
     session: int | None
     hook: list[Record] = field(default_factory=list)
+    daemon: list[Record] = field(default_factory=list)
+    """The daemon's hang and stop records of this launch's process."""
     exit: Record | None = None
     end: float = 0.0
 
@@ -224,7 +226,7 @@ def account(records: Iterable[Record], config: AccountConfig | None = None) -> A
         energy_how=how,
         storage_usd=_storage_usd(trains, gpus, config, t_end),
         snapshots=snaps,
-        failures=tuple(_failures(attempts, segments, [r for r in records if r.kind == "stop"])),
+        failures=tuple(_failures(attempts, segments)),
         step_time_s=statistics.median(rates) if rates else None,
         stall_per_snapshot_s=sum(r.stall_s for r in trains) / snaps if snaps else None,
         snapshot_bytes=sum(r.nbytes * r.snapshots for r in trains) / snaps if snaps else None,
@@ -277,10 +279,14 @@ def _attempts(records: Sequence[Record], sessions: list[_Session], t_end: float)
         owner = current.get(r.pid)
         if owner is not None:
             owner.hook.append(r)
+    by_pid = {r.pid: a for a in attempts for r in a.hook}
+    for r in records:
+        if r.kind in ("hang", "stop") and r.pid in by_pid:
+            by_pid[r.pid].daemon.append(r)
     for i, a in enumerate(attempts):
         nxt = attempts[i + 1].launch if i + 1 < len(attempts) else t_end
-        last_hook = max((r.t1 for r in a.hook), default=a.launch)
-        a.end = a.exit.t1 if a.exit is not None else min(nxt, max(last_hook, a.launch))
+        last_seen = max((r.t1 for r in a.hook + a.daemon), default=a.launch)
+        a.end = a.exit.t1 if a.exit is not None else min(nxt, max(last_seen, a.launch))
     return attempts
 
 
@@ -366,7 +372,7 @@ def _sweep(paint: list[_Paint], t0: float, t1: float) -> list[Segment]:
     return out
 
 
-def _failures(attempts: list[_Attempt], segments: list[Segment], daemon: list[Record]) -> list[Failure]:
+def _failures(attempts: list[_Attempt], segments: list[Segment]) -> list[Failure]:
     """Each launch that was killed, or that ``ckptd run`` relaunched: what it lost, and its way back."""
     out = []
     for a, nxt in zip(attempts, attempts[1:]):
@@ -377,7 +383,7 @@ def _failures(attempts: list[_Attempt], segments: list[Segment], daemon: list[Re
         last_hook = max((r.t1 for r in a.hook), default=a.launch)
         resumed = _resumed_from(attempts[attempts.index(nxt) :])
         last = max((r.step1 for r in a.hook if r.kind == "train" and r.step1 is not None), default=None)
-        stops = [r.note for r in daemon if r.kind == "stop" and r.note and a.launch <= r.t0 <= a.end]
+        stops = [r.note for r in a.daemon if r.kind == "stop" and r.note]
         exit_note = a.exit.note if a.exit is not None and a.exit.note else "the process ended"
         out.append(
             Failure(

@@ -126,6 +126,10 @@ class LedgerBook:
         return self._store
 
     def _loop(self) -> None:
+        try:
+            self._open()  # now, so the last flush at close is one request, not a connection too
+        except (CkptdError, OSError) as e:
+            log.info("ckptd: the goodput ledger's store %s is not reachable yet: %s", self._uri, e)
         while not self._stop.is_set():
             self._wake.wait(self.flush_every)
             if self._stop.is_set():
