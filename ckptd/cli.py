@@ -452,7 +452,10 @@ def plot_cmd(store: str, output: str) -> None:
 def goodput_cmd(store, job, as_json, plot_path, gpus, gpu_hour_usd, gpu_watts) -> None:
     """How much of the job's time was training: goodput, and badput by cause, in hours, dollars and kWh.
 
-    From the ledger the hook, `ckptd run` and the daemon keep in STORE (.ckptd/ledger/).
+    From the ledger the hook, `ckptd run` and the daemon keep in STORE (.ckptd/ledger/). Causes:
+    productive (steps whose work was kept), stall (waiting for snapshots), lost (work after the snapshot a
+    failure fell back to), restart (detection, backoff, process start, restore after a failure), hang
+    (until the daemon declared it), paused (no process, no GPUs held), startup (first start; the end).
     """
     from .ledger.account import AccountConfig
     from .tools import goodput as gp
@@ -479,13 +482,14 @@ def _print_goodput(f: dict, *, title: str) -> None:
     from .tools import goodput as gp
 
     click.echo(f"{title}: {gp.headline(f)}")
-    table = _table("where the time went", ["cause", "seconds", "share", "GPU-h", "$", "kWh", "what"])
+    table = _table("where the time went", ["cause", "seconds", "share", "GPU-h", "$", "kWh"])
     for row in gp.cause_rows(f):
         table.add_row(*row)
     _print(table)
+    click.echo(gp.money_line(f))
     click.echo(gp.energy_line(f))
     if f["failures"]:
-        table = _table("failures", ["#", "cause", "lost s", "steps redone", "restart s", "hang s"])
+        table = _table("failures", ["#", "cause", "lost s", "~ steps lost", "restart s", "hang s"])
         for row in gp.failure_rows(f):
             table.add_row(*row)
         _print(table)

@@ -174,7 +174,8 @@ def test_every_second_goes_to_one_cause_as_the_records_say():
     assert a.seconds == pytest.approx(expected, abs=1e-5) and a.wall_s == pytest.approx(44.0)
     (f,) = a.failures
     assert f.cause == "killed by SIGKILL" and f.lost_s == pytest.approx(4.8, abs=1e-5)
-    assert f.restart_s == pytest.approx(4.1, abs=1e-5) and f.steps_redone == 3
+    assert f.restart_s == pytest.approx(4.1, abs=1e-5) and f.steps_lost == pytest.approx(4.8 / a.step_time_s)
+    assert a.step_time_s == pytest.approx(59 / 60)  # the median span: 0.95, 0.967, 1.0, 1.0 s a step
     assert a.gpu_hours("lost") == pytest.approx(4.8 * 4 / 3600) and a.dollars("lost") == pytest.approx(4.8 * 4 / 1800)
     assert a.energy_estimated_j == pytest.approx(44.0 * 4 * 700) and not a.energy_measured_j
     assert a.storage_usd > 0 and a.snapshots == 3 and a.stall_per_snapshot_s == pytest.approx(0.2)

@@ -69,8 +69,9 @@ class Failure:
     at: float
     cause: str
     lost_s: float
-    steps_redone: int | None
-    """Steps between the snapshot restored and the last step a record saw (at least this many)."""
+    steps_lost: float | None
+    """About how many steps were redone: ``lost_s`` over the median step time (a killed process's last
+    steps are in no record, so they cannot be counted)."""
     restart_s: float
     hang_s: float
 
@@ -213,6 +214,7 @@ def account(records: Iterable[Record], config: AccountConfig | None = None) -> A
     trains = [r for r in records if r.kind == "train"]
     snaps = sum(r.snapshots for r in trains)
     rates = [max(0.0, r.seconds - min(r.stall_s, r.seconds)) / r.steps for r in trains]
+    step_time = statistics.median(rates) if rates else None
     return Account(
         start=t_start,
         end=t_end,
@@ -226,8 +228,8 @@ def account(records: Iterable[Record], config: AccountConfig | None = None) -> A
         energy_how=how,
         storage_usd=_storage_usd(trains, gpus, config, t_end),
         snapshots=snaps,
-        failures=tuple(_failures(attempts, segments)),
-        step_time_s=statistics.median(rates) if rates else None,
+        failures=tuple(_failures(attempts, segments, step_time)),
+        step_time_s=step_time,
         stall_per_snapshot_s=sum(r.stall_s for r in trains) / snaps if snaps else None,
         snapshot_bytes=sum(r.nbytes * r.snapshots for r in trains) / snaps if snaps else None,
         launches=len(attempts),
@@ -372,7 +374,7 @@ def _sweep(paint: list[_Paint], t0: float, t1: float) -> list[Segment]:
     return out
 
 
-def _failures(attempts: list[_Attempt], segments: list[Segment]) -> list[Failure]:
+def _failures(attempts: list[_Attempt], segments: list[Segment], step_time: float | None) -> list[Failure]:
     """Each launch that was killed, or that ``ckptd run`` relaunched: what it lost, and its way back."""
     out = []
     for a, nxt in zip(attempts, attempts[1:]):
@@ -381,16 +383,15 @@ def _failures(attempts: list[_Attempt], segments: list[Segment]) -> list[Failure
             continue  # finished or preempted cleanly, then launched again later: a pause, not a failure
         back = min((r.t0 for r in nxt.hook if r.kind == "train"), default=nxt.end)
         last_hook = max((r.t1 for r in a.hook), default=a.launch)
-        resumed = _resumed_from(attempts[attempts.index(nxt) :])
-        last = max((r.step1 for r in a.hook if r.kind == "train" and r.step1 is not None), default=None)
         stops = [r.note for r in a.daemon if r.kind == "stop" and r.note]
         exit_note = a.exit.note if a.exit is not None and a.exit.note else "the process ended"
+        lost = _within(segments, a.launch, a.end, "lost")
         out.append(
             Failure(
                 at=a.end,
-                cause=f"{stops[0]} ({exit_note})" if stops else exit_note,
-                lost_s=_within(segments, a.launch, a.end, "lost"),
-                steps_redone=None if last is None or resumed is None else max(0, last - resumed),
+                cause=f"{stops[0]}; {exit_note}" if stops else exit_note,
+                lost_s=lost,
+                steps_lost=lost / step_time if step_time else None,
                 restart_s=_within(segments, last_hook, back, "restart"),
                 hang_s=_within(segments, a.launch, a.end, "hang"),
             )

@@ -7,7 +7,7 @@ from typing import Any
 from ..errors import NoSnapshot
 from ..ledger.account import Account, AccountConfig, account
 from ..ledger.book import read_ledger
-from ..ledger.causes import CAUSES, MEANING
+from ..ledger.causes import CAUSES
 from ..store.base import Store
 
 
@@ -34,7 +34,7 @@ def headline(f: dict[str, Any]) -> str:
 
 
 def cause_rows(f: dict[str, Any]) -> list[list[str]]:
-    """cause, seconds, share of wall, GPU-hours, dollars, kWh, meaning; then the total."""
+    """cause, seconds, share of wall, GPU-hours, dollars, kWh; then the total."""
     wall = f["wall_s"] or 1.0
     rows = []
     for c in CAUSES:
@@ -46,7 +46,6 @@ def cause_rows(f: dict[str, Any]) -> list[list[str]]:
                 f"{f['gpu_hours'][c]:.4f}",
                 f"{f['dollars'][c]:.4f}",
                 f"{f['energy_j'][c] / 3.6e6:.5f}",
-                MEANING[c],
             ]
         )
     rows.append(
@@ -57,10 +56,17 @@ def cause_rows(f: dict[str, Any]) -> list[list[str]]:
             f"{sum(f['gpu_hours'].values()):.4f}",
             f"{sum(f['dollars'].values()):.4f}",
             f"{sum(f['energy_j'].values()) / 3.6e6:.5f}",
-            f"wall time; + ${f['storage_usd']:.5f} snapshot storage and requests",
         ]
     )
     return rows
+
+
+def money_line(f: dict[str, Any]) -> str:
+    badput = sum(f["dollars"][c] for c in f["badput_s"])
+    return (
+        f"money: ${sum(f['dollars'].values()):.4f} of GPU time at ${f['gpu_hour_usd']:g}/GPU-h, "
+        f"${badput:.4f} of it badput; ${f['storage_usd']:.5f} of snapshot storage and requests"
+    )
 
 
 def energy_line(f: dict[str, Any]) -> str:
@@ -73,13 +79,13 @@ def energy_line(f: dict[str, Any]) -> str:
 
 
 def failure_rows(f: dict[str, Any]) -> list[list[str]]:
-    """#, cause, lost s, steps redone, restart s, hang s."""
+    """#, cause, lost s, steps lost (lost s over the median step time), restart s, hang s."""
     return [
         [
             str(i),
             x["cause"],
             f"{x['lost_s']:.1f}",
-            "-" if x["steps_redone"] is None else f">= {x['steps_redone']}",
+            "-" if x["steps_lost"] is None else f"{x['steps_lost']:.1f}",
             f"{x['restart_s']:.1f}",
             f"{x['hang_s']:.1f}",
         ]
