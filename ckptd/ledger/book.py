@@ -54,6 +54,7 @@ class LedgerBook:
     ) -> None:
         self.job, self.source = job_name(job), source
         self._store: Store | None = None if isinstance(store, str) else store
+        self._owns_store = isinstance(store, str)
         self._uri = store if isinstance(store, str) else store.uri
         self.flush_every, self.min_gap = flush_every, min_gap
         self._writer = uuid.uuid4().hex[:8]
@@ -105,18 +106,24 @@ class LedgerBook:
                     log.warning("ckptd: cannot write the goodput ledger to %s (%s); will retry", self._uri, e)
                 return False
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop the thread and write what is left (once more if the first try fails, within ``timeout``)."""
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is left (the thread's last try) and stop; never waits more than ``timeout`` for a store
+        that does not answer (a training job's close must not hang on its ledger)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        deadline = time.monotonic() + timeout
-        while not self.flush() and time.monotonic() < deadline:
-            time.sleep(0.5)
+        with self._lock:
+            left = len(self._buffer)
+        if self._thread.is_alive() or left:
+            log.warning(
+                "ckptd: the goodput ledger's last records may not have reached %s within %.0f s", self._uri, timeout
+            )
         if self._dropped:
             log.warning(
                 "ckptd: %d goodput ledger records were dropped while %s was unreachable", self._dropped, self._uri
             )
+        if self._owns_store and self._store is not None and not self._thread.is_alive():
+            self._store.close()
 
     def _open(self) -> Store:
         if self._store is None:
@@ -130,12 +137,11 @@ class LedgerBook:
             self._open()  # now, so the last flush at close is one request, not a connection too
         except (CkptdError, OSError) as e:
             log.info("ckptd: the goodput ledger's store %s is not reachable yet: %s", self._uri, e)
-        while not self._stop.is_set():
+        while True:
             self._wake.wait(self.flush_every)
-            if self._stop.is_set():
-                return
             wait = self.min_gap - (time.monotonic() - self._last_write)
-            if wait > 0 and self._stop.wait(wait):
+            if self._stop.is_set() or (wait > 0 and self._stop.wait(wait)):
+                self.flush()  # the last try, for close()
                 return
             self._wake.clear()
             self.flush()
