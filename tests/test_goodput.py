@@ -214,6 +214,31 @@ def test_energy_meter_turns_counters_into_joules_and_power_limits_into_estimates
     assert [(r.joules, r.estimate, r.gpus) for r in out] == [(700.0, False, 2), (800.0, True, 2)]
 
 
+def test_nvml_energy_reads_the_counter_or_the_power_limit_where_it_is_not_supported(tmp_path, monkeypatch):
+    from ckptd.daemon.nvml import NvmlHealthSource
+
+    timeline = tmp_path / "timeline.json"
+    timeline.write_text(json.dumps({"gpus": 1, "power_w": 200, "not_supported": []}))
+    monkeypatch.setenv("PYTHONPATH", TESTS)
+    monkeypatch.syspath_prepend(TESTS)
+    monkeypatch.setenv("FAKE_NVML_TIMELINE", str(timeline))
+    nvml = NvmlHealthSource("fake_nvml")
+    t0 = time.monotonic()
+    (a,) = nvml.energy()
+    t1 = time.monotonic()
+    time.sleep(0.5)
+    t2 = time.monotonic()
+    (b,) = nvml.energy()
+    t3 = time.monotonic()
+    assert a.limit_w == 700.0 and a.millijoules is not None and b.millijoules is not None
+    assert 200 * (t2 - t1) - 1 <= (b.millijoules - a.millijoules) / 1000 <= 200 * (t3 - t0) + 1  # 200 W
+    nvml.close()
+    timeline.write_text(json.dumps({"gpus": 1, "not_supported": ["nvmlDeviceGetTotalEnergyConsumption"]}))
+    older = NvmlHealthSource("fake_nvml")
+    assert [(g.millijoules, g.limit_w) for g in older.energy()] == [(None, 700.0)]
+    older.close()
+
+
 def test_the_policy_uses_the_ledger_until_this_process_has_measured():
     def ctx(stall):
         return PolicyContext(
