@@ -182,6 +182,7 @@ class _Attempt:
 
     @property
     def closed(self) -> bool:
+        """Its Checkpointer closed: whatever ended the process then, no work was left unsaved."""
         return any(r.kind == "close" for r in self.hook)
 
 
@@ -281,10 +282,14 @@ def _attempts(records: Sequence[Record], sessions: list[_Session], t_end: float)
         owner = current.get(r.pid)
         if owner is not None:
             owner.hook.append(r)
-    by_pid = {r.pid: a for a in attempts for r in a.hook}
-    for r in records:
-        if r.kind in ("hang", "stop") and r.pid in by_pid:
-            by_pid[r.pid].daemon.append(r)
+    by_pid: dict[int, list[_Attempt]] = {}
+    for a in attempts:
+        for pid in dict.fromkeys(r.pid for r in a.hook):
+            by_pid.setdefault(pid, []).append(a)
+    for r in records:  # a pid can come back in a later launch: the latest launch before the record's
+        owners = [a for a in by_pid.get(r.pid, []) if a.launch <= r.t0] if r.kind in ("hang", "stop") else []
+        if owners:
+            owners[-1].daemon.append(r)
     for i, a in enumerate(attempts):
         nxt = attempts[i + 1].launch if i + 1 < len(attempts) else t_end
         last_seen = max((r.t1 for r in a.hook + a.daemon), default=a.launch)
@@ -321,7 +326,8 @@ def _paint(
         out.append((a.launch, a.end, 3, "startup" if i == 0 else "restart"))
         last_hook = max((r.t1 for r in a.hook), default=None)
         if last_hook is not None and last_hook < a.end:
-            out.append((last_hook, a.end, 4, "startup" if a.closed else "lost"))
+            clean = a.closed or (a.exit is not None and a.exit.code == 0)
+            out.append((last_hook, a.end, 4, "startup" if clean else "lost"))
         if a.exit is not None and same_session:
             out.append((a.exit.t0, a.exit.t1, 5, "restart"))
         redo_after = _resumed_from(attempts[i + 1 :])
