@@ -25,8 +25,10 @@ from .record import Record
 
 log = logging.getLogger("ckptd")
 
-SPAN_EVERY = 10.0
-"""Seconds at most between two training records of a process (and its pages: ``LedgerBook.flush_every``)."""
+SPAN_EVERY = 30.0
+"""Seconds at most between two training records of a process (and its pages: ``LedgerBook.flush_every``).
+A killed process's steps since its last page are counted lost, which they are: every snapshot closes a
+span and flushes at once, so the steps after the newest flushed snapshot are the ones a restore redoes."""
 FEED_PAGES = 2000
 """Newest ledger pages a starting hook reads for its policy."""
 
