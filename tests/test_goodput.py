@@ -388,7 +388,7 @@ def test_a_job_killed_faulted_and_preempted_is_accounted_to_the_second(s3env, tm
         "CKPTD_JOB": "goodput-job",
     }
     losses = str(tmp_path / "loss.log")
-    trainer = [TRAIN, "--steps", "200", "--policy", "every:20", "--step-sleep", "0.05", "--width", "64"]
+    trainer = [TRAIN, "--steps", "200", "--policy", "every:30", "--step-sleep", "0.05", "--width", "64"]
     trainer = [sys.executable, *trainer, "--loss-log", losses, "--verbose"]
     run_args = ["--store", uri, "--backoff", "0.2", "--grace", "30"]
 
@@ -398,7 +398,7 @@ def test_a_job_killed_faulted_and_preempted_is_accounted_to_the_second(s3env, tm
     t_start = time.time()
     s1 = Session([*run_args, "--gpus", "0,1", "--socket", f"{work}/d1.sock", "--", *trainer],
                  {**env, "CKPTD_LOCAL": str(tmp_path / "tier1")})  # fmt: skip
-    s1.wait_for("step 50 of the first launch", lambda: s1.launches == 1 and top() >= 50)
+    s1.wait_for("step 55 of the first launch", lambda: s1.launches == 1 and top() >= 55)  # 29 is the snapshot
     s1.kill_trainer()
     s1.wait_for("step 90 of the second launch", lambda: s1.launches == 2 and top() >= 90)
     open(fault, "w").close()  # the fake NVML raises XID 79 on GPU 1: the daemon stops the job
@@ -423,7 +423,7 @@ def test_a_job_killed_faulted_and_preempted_is_accounted_to_the_second(s3env, tm
             time.sleep(0.05)
         t_resume = time.time()
         s2 = Session([*run_args, "--socket", sock2, "--", *trainer], {**env, "CKPTD_LOCAL": str(tmp_path / "tier2")})
-        s2.wait_for("step 170 after the move", lambda: s2.launches == 1 and top() >= 170)
+        s2.wait_for("step 175 after the move", lambda: s2.launches == 1 and top() >= 175)  # after 149's snapshot
         s2.kill_trainer()
         assert s2.wait() == 0, s2.tail()
         assert s2.summary_at is not None, s2.tail()
@@ -445,7 +445,7 @@ def test_a_job_killed_faulted_and_preempted_is_accounted_to_the_second(s3env, tm
         print(
             f"wall {wall:.2f} s (ledger {f['wall_s']:.2f}); lost {lost:.3f} s = {redone} steps redone x {step_time:.4f} s"
         )
-        assert redone >= 10, redone
+        assert redone >= 40, redone
         # Within a partial step and a poll per kill, and the steps right after a snapshot being slower than
         # the median (the upload competes for the two cores); counting a restart (seconds) as lost would not be.
         assert abs(lost - redone * step_time) <= 2 * (step_time + 0.25) + 0.25 * redone * step_time, (
@@ -457,7 +457,8 @@ def test_a_job_killed_faulted_and_preempted_is_accounted_to_the_second(s3env, tm
         assert causes[1].startswith("fatal fault on GPU 1: XID 79"), causes
         assert f["failures"][1]["lost_s"] < 2 * step_time + 0.2  # the emergency snapshot kept the work
         assert sum(x["lost_s"] for x in f["failures"]) == pytest.approx(lost, abs=1e-6)
-        assert f["launches"] == 5 and f["seconds"]["productive"] >= 200 * step_time
+        assert f["launches"] == 5
+        assert f["seconds"]["productive"] == pytest.approx(200 * step_time, rel=0.15)  # each of the 200 steps once
 
         # Energy: measured by the daemons' NVML counters at 250 W a GPU (2, then 1 after the fault, then 2).
         assert "measured: NVML total energy counters" in f["energy_how"]
