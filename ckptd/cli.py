@@ -280,14 +280,8 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
 
     The copy is a plain DCP directory: dcp.load and ckptd both read it.
     """
-    import os
-
-    from .errors import NoGoodSnapshot, SnapshotCorrupt, SnapshotExists, StoreError
-    from .persist.transfer import download_snapshot
-    from .restore.find import list_snapshots, read_manifest
-    from .store.file import FileStore
     from .tools import torchsnapshot_format as tsf
-    from .tools.describe import newest_committed
+    from .tools.copy_out import copy_out
 
     if "://" not in store and tsf.is_torchsnapshot(store):
         from .tools.convert import convert
@@ -295,33 +289,26 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
         m = convert(store, dest, step=step or 0)
         click.echo(f"converted torchsnapshot {store} into {dest}/step-{m.step:012d}")
         return
-    src = _open(store)
-    steps = (
-        [step]
-        if step is not None
-        else [newest_committed(src)]
-        + [i.step for i in reversed(list_snapshots(src)) if i.committed or i.state == "corrupt"]
-    )
-    bad: list[str] = []
-    for s in dict.fromkeys(steps):
-        target = os.path.join(dest, f"step-{s:012d}")
-        if os.path.exists(target):
-            raise UserError(f"{target} already exists; restore into another --to directory or remove it")
-        try:
-            bar, advance = _progress(read_manifest(src, s).nbytes, f"step {s}")
-            with bar:
-                m = download_snapshot(src, s, FileStore(dest), progress=advance)
-            break
-        except SnapshotExists:
-            raise
-        except (SnapshotCorrupt, StoreError) as e:  # a defect of this one snapshot: try the next older
-            if step is not None:
-                raise
-            click.echo(f"ckptd: skipping step-{s:012d}: {e}", err=True)
-            bad.append(f"step-{s:012d}: {e}")
-    else:
-        raise NoGoodSnapshot(f"no snapshot in {src.uri} verifies: " + "; ".join(bad), problems=bad)
-    click.echo(f"restored step {m.step} to {FileStore(dest).path_of(f'step-{m.step:012d}')} (verified)")
+    bars = []
+
+    def progress(m):
+        bar, advance = _progress(m.nbytes, f"step {m.step}")
+        bar.start()
+        bars.append(bar)
+        return advance
+
+    try:
+        done = copy_out(
+            _open(store),
+            dest,
+            step=step,
+            progress=progress,
+            skipping=lambda note: click.echo(f"ckptd: skipping {note}", err=True),
+        )
+    finally:
+        for bar in bars:
+            bar.stop()
+    click.echo(f"restored step {done.manifest.step} to {done.path} (verified)")
 
 
 @main.command("export")
