@@ -29,13 +29,14 @@ from .errors import CkptdError, SnapshotError
 from .measure import Measurements
 from .persist.tiers import Tiers
 from .restore.find import SnapshotInfo
+from .snapshot.assign import Assignment, spec_of
 from .snapshot.capture import TrainingState, summarize
 from .snapshot.direct import DirectWriter
 from .snapshot.dirs import LocalCommit
 from .snapshot.failures import FailureLog
-from .snapshot.flatten import Leaf, flatten
+from .snapshot.flatten import Leaf, flatten, is_empty
 from .snapshot.lifecycle import SnapshotHandle, SnapshotState
-from .snapshot.manifest import step_dir
+from .snapshot.manifest import Manifest, step_dir
 from .snapshot.stage import HostPool, make_stager
 from .snapshot.write import Ranks, write_snapshot
 
@@ -86,6 +87,8 @@ class SnapshotSession:
         self._failures = FailureLog()
         self._warned_backlog = False
         self._pool_prepared = False
+        self._assignment: tuple[Assignment, str] | None = None
+        """Which rank writes what, learned from the last snapshot DCP wrote (several ranks only)."""
 
     @property
     def nbytes(self) -> int:
@@ -106,7 +109,8 @@ class SnapshotSession:
         p = self._parts
         handle = SnapshotHandle(step, started=time.monotonic())
         captured = p.state.capture(p.ranks.rank)
-        leaves = flatten(captured)
+        everything = flatten(captured)
+        leaves, share = self._share_of(everything)
         tensors = {leaf.fqn: leaf.value for leaf in leaves if isinstance(leaf.value, torch.Tensor)}
         bufs = self._pool.buffers_for(tensors, step=step)
         deferred = p.state.deferred_ptrs() if self._overlap else set()
@@ -126,7 +130,8 @@ class SnapshotSession:
         handle.stall = time.perf_counter() - t0
         with self._lock:
             self._inflight.append(handle)
-        self._persist.submit(self._write, handle, staged, dict(metrics), meta)
+        order = [leaf.fqn for leaf in everything]
+        self._persist.submit(self._write, handle, staged, dict(metrics), meta, (order, share))
         p.measure.snapshot_started(step, time.monotonic())
         return handle
 
@@ -150,10 +155,28 @@ class SnapshotSession:
             return
         self._pool_prepared = True
         try:
-            leaves = flatten(state.capture(self._parts.ranks.rank))
+            leaves, _ = self._share_of(flatten(state.capture(self._parts.ranks.rank)))
         except CkptdError:
             return  # the snapshot itself reports what is wrong with the state
         self._pool.prepare({leaf.fqn: leaf.value for leaf in leaves if isinstance(leaf.value, torch.Tensor)})
+
+    def _share_of(self, leaves: list[Leaf]) -> tuple[list[Leaf], str]:
+        """This rank's share of the state while the job's assignment fits what it holds, and the attempt the
+        assignment was learned from; else all of the state and ''."""
+        learned = self._assignment
+        if learned is None:
+            return leaves, ""
+        assignment, source = learned
+        share = assignment.share(
+            self._parts.ranks.rank,
+            {leaf.fqn: spec_of(leaf.value) for leaf in leaves if isinstance(leaf.value, torch.Tensor)},
+            [leaf.fqn for leaf in leaves if not isinstance(leaf.value, torch.Tensor) and not is_empty(leaf.value)],
+        )
+        if share is None:
+            log.info("ckptd: the state's names or shapes changed; the next snapshot goes through dcp.save")
+            self._assignment = None
+            return leaves, ""
+        return [leaf for leaf in leaves if leaf.fqn in share or is_empty(leaf.value)], source
 
     def before_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """The optimizer pre-hook: parameters may change only once the background copy has them."""
@@ -208,7 +231,9 @@ class SnapshotSession:
 
     # -- the persist thread ----------------------------------------------------
 
-    def _write(self, handle: SnapshotHandle, leaves: list[Leaf], metrics: dict, meta: dict) -> None:
+    def _write(
+        self, handle: SnapshotHandle, leaves: list[Leaf], metrics: dict, meta: dict, shared: tuple[list[str], str]
+    ) -> None:
         p = self._parts
         try:
             handle.staged.result()
@@ -230,7 +255,10 @@ class SnapshotSession:
                 fence=p.fence,
                 image=self._pool.image,
                 writer=self._writer,
+                order=shared[0],
+                share=shared[1],
             )
+            self._learn(done.manifest)
             handle.advance(SnapshotState.WRITTEN)
             handle.advance(SnapshotState.COMMITTED)
         except BaseException as e:
@@ -243,6 +271,15 @@ class SnapshotSession:
         durable = p.persistence.committed(done)
         self._retain(p.tiers.retain_local, handle.step)
         durable.add_done_callback(lambda fut: self._durable(handle, done, fut))
+
+    def _learn(self, manifest: Manifest) -> None:
+        """After a snapshot dcp.save wrote for several ranks, each lays out its image for its own share."""
+        if manifest.world_size == 1 or manifest.meta.get("io") != "dcp":
+            return
+        assignment = Assignment.from_items(manifest.items, manifest.world_size)
+        if assignment is not None:
+            self._assignment = (assignment, manifest.attempt)
+            self._pool_prepared = False  # the next step lays out this rank's share in the background
 
     def _durable(self, handle: SnapshotHandle, done: LocalCommit, fut: Future) -> None:
         error = fut.exception()
