@@ -38,7 +38,7 @@ from .snapshot.flatten import Leaf, flatten, is_empty
 from .snapshot.lifecycle import SnapshotHandle, SnapshotState
 from .snapshot.manifest import Manifest, step_dir
 from .snapshot.stage import HostPool, make_stager
-from .snapshot.write import Ranks, write_snapshot
+from .snapshot.write import Ranks, fail_everywhere, write_snapshot
 
 log = logging.getLogger("ckptd")
 
@@ -102,10 +102,23 @@ class SnapshotSession:
     # -- the training thread -------------------------------------------------
 
     def start(self, step: int, metrics: dict[str, float], meta: dict[str, Any]) -> SnapshotHandle:
-        """Stage step ``step`` (parameters and optimizer state in the background) and queue its write."""
+        """Stage step ``step`` (parameters and optimizer state in the background) and queue its write.
+
+        Every rank of a job starts the same steps; one that cannot stage its share still joins the attempt's
+        first collective, with its error, so the others fail the step at once instead of waiting for it.
+        """
         t0 = time.perf_counter()
         log.debug("ckptd: step %d: staging", step)
         self._wait_for_pool(step)
+        try:
+            return self._stage(step, metrics, meta, t0)
+        except Exception as e:
+            ranks = self._parts.ranks
+            if ranks.distributed:
+                self._persist.submit(self._fail_everywhere, step, e)
+            raise
+
+    def _stage(self, step: int, metrics: dict[str, float], meta: dict[str, Any], t0: float) -> SnapshotHandle:
         p = self._parts
         handle = SnapshotHandle(step, started=time.monotonic())
         captured = p.state.capture(p.ranks.rank)
@@ -271,6 +284,12 @@ class SnapshotSession:
         durable = p.persistence.committed(done)
         self._retain(p.tiers.retain_local, handle.step)
         durable.add_done_callback(lambda fut: self._durable(handle, done, fut))
+
+    def _fail_everywhere(self, step: int, e: BaseException) -> None:
+        try:
+            fail_everywhere(self._parts.tiers.local, step, self._parts.ranks, e)
+        except CkptdError as told:  # the training thread reported this rank's own failure already
+            log.debug("ckptd: step %d: %s", step, told)
 
     def _learn(self, manifest: Manifest) -> None:
         """After a snapshot dcp.save wrote for several ranks, each lays out its image for its own share."""

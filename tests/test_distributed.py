@@ -159,3 +159,52 @@ def test_a_rank_whose_state_changes_shape_sends_one_snapshot_through_dcp_then_im
         assert torch.equal(state["extra"][1]["grows"]["t"], torch.full((grown,), float(expect))), step
     res = subprocess.run([sys.executable, "-m", "ckptd.cli", "verify", store, "--all"], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+ONE_RANK_CANNOT_STAGE = """
+import sys, time, torch, torch.distributed as dist, ckptd
+rank, world, init, store = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(256, 256))
+opt = torch.optim.Adam(model.parameters())
+budget = {"staging_budget": 4096} if rank == 1 else {}  # this rank alone cannot stage
+ckpt = ckptd.Checkpointer(store, model=model, optimizer=opt, policy="every:2", **budget)
+t0 = time.monotonic()
+for step in range(6):
+    model(torch.randn(4, 256)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    ckpt.step(step)
+try:
+    ckpt.close(timeout=60)
+except ckptd.CkptdError as e:
+    print("close:", type(e).__name__, str(e).splitlines()[0][:300])
+print(f"trained in {time.monotonic() - t0:.1f} s")
+dist.destroy_process_group()
+"""
+
+
+def test_a_rank_that_cannot_stage_fails_the_snapshot_on_every_rank_at_once(tmp_path):
+    """Rank 1 refuses to stage (its budget): every rank's snapshot fails naming it, nobody waits for it."""
+    import re
+
+    store = str(tmp_path / "store")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", ONE_RANK_CANNOT_STAGE, str(r), "2", f"file://{tmp_path}/rdzv", store],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = []
+    for p in procs:
+        out, _ = p.communicate(timeout=180)
+        assert p.returncode == 0, out[-3000:]
+        outs.append(out)
+    for rank, out in enumerate(outs):
+        took = float(re.search(r"trained in ([0-9.]+) s", out).group(1))
+        assert took < 60, out[-2000:]
+        assert "over the staging_budget of 4.0 KiB" in out and (rank == 1 or "rank 1" in out), out[-2000:]
+    assert not [i for i in ckptd.list_snapshots(store) if i.committed]

@@ -85,10 +85,11 @@ def _gather(ranks: Ranks, value: Any, error: BaseException | None, what: str) ->
     return [v for v, _n in gathered]
 
 
-def _attempt(store: FileStore, step: int, ranks: Ranks) -> str:
-    """Rank 0 draws the attempt id and refuses a step already committed here; all ranks agree."""
-    attempt, error = None, None
-    if ranks.rank == 0:
+def _attempt(store: FileStore, step: int, ranks: Ranks, failed: BaseException | None = None) -> str:
+    """Rank 0 draws the attempt id and refuses a step already committed here; all ranks agree. A rank that
+    ``failed`` to stage fails the attempt on every rank here, at its first collective."""
+    attempt, error = None, failed
+    if ranks.rank == 0 and failed is None:
         attempt = uuid.uuid4().hex[:16]
         if ranks.whole and store.exists(f"{step_dir(step)}/{MANIFEST}"):
             error = SnapshotExists(f"{store.uri}/{step_dir(step)} is already committed; a step is saved once")
@@ -266,6 +267,12 @@ def _finish(
         ) from e
     fsync_dir(os.path.dirname(final))
     return final
+
+
+def fail_everywhere(store: FileStore, step: int, ranks: Ranks, failed: BaseException) -> None:
+    """This rank could not stage ``step``, which the other ranks are writing: tell them at the attempt's first
+    collective, so each fails it at once instead of waiting for this rank until the group's timeout."""
+    _attempt(store, step, ranks, failed)
 
 
 def write_snapshot(
