@@ -249,14 +249,7 @@ class SnapshotSession:
     ) -> None:
         p = self._parts
         try:
-            handle.staged.result()
-            handle.advance(SnapshotState.STAGED)
-            log.debug("ckptd: step %d: staged, writing", handle.step)
-            if not p.tiers.make_room(int(self._pool.nbytes * 1.1)):
-                raise SnapshotError(
-                    f"local tier {p.tiers.local.root} is full and holds nothing durable to drop; "
-                    "snapshot skipped: free space there or point local= at a larger disk"
-                )
+            unready = self._ready_to_write(handle)
             meta["stall_s"] = handle.stall
             done = write_snapshot(
                 p.tiers.local,
@@ -270,6 +263,7 @@ class SnapshotSession:
                 writer=self._writer,
                 order=shared[0],
                 share=shared[1],
+                failed=unready,
             )
             self._learn(done.manifest)
             handle.advance(SnapshotState.WRITTEN)
@@ -284,6 +278,24 @@ class SnapshotSession:
         durable = p.persistence.committed(done)
         self._retain(p.tiers.retain_local, handle.step)
         durable.add_done_callback(lambda fut: self._durable(handle, done, fut))
+
+    def _ready_to_write(self, handle: SnapshotHandle) -> BaseException | None:
+        """None once the background copy is done and the local tier has room; else why not. Several ranks
+        hand the reason to write_snapshot, which fails the step on every rank at its first collective."""
+        try:
+            handle.staged.result()
+            handle.advance(SnapshotState.STAGED)
+            log.debug("ckptd: step %d: staged, writing", handle.step)
+            if not self._parts.tiers.make_room(int(self._pool.nbytes * 1.1)):
+                raise SnapshotError(
+                    f"local tier {self._parts.tiers.local.root} is full and holds nothing durable to drop; "
+                    "snapshot skipped: free space there or point local= at a larger disk"
+                )
+        except Exception as e:
+            if not self._parts.ranks.distributed:
+                raise
+            return e
+        return None
 
     def _fail_everywhere(self, step: int, e: BaseException) -> None:
         try:

@@ -288,6 +288,7 @@ def write_snapshot(
     writer: DirectWriter | None = None,
     order: Sequence[str] = (),
     share: str = "",
+    failed: BaseException | None = None,
 ) -> LocalCommit:
     """Write, checksum and commit one snapshot into a local store; every rank calls it.
 
@@ -302,11 +303,12 @@ def write_snapshot(
     its share of them), so a restore rebuilds containers in their order.
     ``share`` is the attempt whose assignment ``leaves`` are this rank's share
     of (empty: they are all of its state); several ranks write their images
-    only when every one holds its share of the same assignment.
+    only when every one holds its share of the same assignment. A rank that
+    ``failed`` before writing still calls this, and every rank raises it.
     """
     t0 = time.monotonic()
     order = order or [leaf.fqn for leaf in leaves]
-    attempt = _attempt(store, step, ranks)
+    attempt = _attempt(store, step, ranks, failed)
     directory = store.path_of(attempt_dir(step, attempt))
     committed = False
     try:
