@@ -369,3 +369,85 @@ def test_gpu_jobs_say_in_one_line_which_piece_is_missing(tmp_path):
     (plugins / "cuda_plugin.so").write_bytes(b"")
     found = gpu_tools(str(plugins), environ={"PATH": str(tools)}, driver_file=str(driver))
     assert found.driver == "570.86.15" and found.cuda_checkpoint == str(fake)
+
+
+TCP_JOB = """
+import socket, sys, time
+server = socket.create_server(("127.0.0.1", 0))
+client = socket.create_connection(server.getsockname())
+peer, _ = server.accept()
+total = 0
+for i in range(150):
+    client.sendall(i.to_bytes(4, "little"))
+    total += int.from_bytes(peer.recv(4), "little")
+    print("sent", i, flush=True)
+    time.sleep(0.04)
+open(sys.argv[1], "w").write(str(total))
+"""
+
+
+@needs_criu
+def test_a_tcp_connection_inside_the_job_survives_a_restore(tmp_path):
+    store, out = str(tmp_path / "store"), str(tmp_path / "total")
+    run = start(
+        tmp_path, "--transparent", "--store", store, "--interval", "1.5", "--backoff", "0.1", "--",
+        sys.executable, "-c", TCP_JOB, out,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: images(store), 60, "a first image")
+        pid = wait_for(lambda: _child_running(run, "create_server"), 10, "the job's pid")
+        os.kill(pid, signal.SIGKILL)
+        assert run.wait(timeout=120) == 0, (tmp_path / "run.err").read_text()[-3000:]
+    finally:
+        run.kill()
+    assert "restored job" in (tmp_path / "run.err").read_text()
+    with open(out) as f:
+        assert f.read() == str(sum(range(150)))  # every number crossed the restored connection once
+
+
+def _child_running(run: subprocess.Popen, text: str) -> int | None:
+    try:
+        return next((p.pid for p in psutil.Process(run.pid).children() if text in " ".join(p.cmdline())), None)
+    except psutil.Error:
+        return None
+
+
+COUNTER = "import time\nfor i in range(10**6):\n    print(i, flush=True)\n    time.sleep(0.05)\n"
+
+
+@needs_criu
+def test_the_policy_a_degraded_gpu_and_sigterm_each_bring_an_image(tmp_path):
+    """No --interval: a first image measures the freeze, then the interval is minutes long; the daemon's
+    risk signal (fake NVML: ECC errors on GPU 0) brings one at once, and SIGTERM a last one before exit 75."""
+    import json
+
+    marker, timeline = tmp_path / "degrade", tmp_path / "timeline.json"
+    timeline.write_text(
+        json.dumps({"gpus": 1, "events": [{"when_exists": str(marker), "gpu": 0, "set": {"ecc_corrected": 5000}}]})
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {
+        "CKPTD_NVML_MODULE": "fake_nvml",
+        "FAKE_NVML_TIMELINE": str(timeline),
+        "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    store, sock = str(tmp_path / "store"), str(tmp_path / "d.sock")
+    t0 = time.monotonic()
+    run = start(
+        tmp_path, "--transparent", "--store", store, "--socket", sock, "--", sys.executable, "-c", COUNTER, env=env
+    )
+    try:
+        wait_for(lambda: images(store), 90, "the first image, which measures the freeze")
+        assert time.monotonic() - t0 >= 9.5  # not before the job ran first_after (10 s)
+        time.sleep(4)
+        assert len(images(store)) == 1, "the policy's interval after a cheap first image is minutes long"
+        marker.touch()
+        t1 = time.monotonic()
+        wait_for(lambda: len(images(store)) == 2, 30, "an image after GPU 0 degraded")
+        assert time.monotonic() - t1 < 20
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=60) == 75
+    finally:
+        run.kill()
+    err = (tmp_path / "run.err").read_text()
+    assert len(images(store)) == 3 and "preempted" in err, err[-2000:]

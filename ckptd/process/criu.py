@@ -7,6 +7,7 @@ is missing and, where no fix on this machine helps, the hook as the way for such
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -113,6 +114,9 @@ class Criu:
     """Where its plugins are (``cuda_plugin.so``): ``<prefix>/lib/criu`` beside ``<prefix>/bin/criu``."""
     unprivileged: bool = False
     """Not root: CRIU runs with ``--unprivileged`` on the capabilities it was given."""
+    network_lock: str | None = None
+    """How CRIU holds TCP connections still while it dumps them (``--network-lock``): nftables where it was
+    built with it, else iptables when installed, else None (connections inside a job cannot be dumped)."""
 
     @property
     def version_text(self) -> str:
@@ -147,7 +151,8 @@ class Criu:
         plugins = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(path))), "lib", "criu")
         criu = cls(path, version, plugins if os.path.isdir(plugins) else None, os.geteuid() != 0)
         criu.check()
-        return criu
+        lock = "nftables" if criu.feature("network_lock_nftables") else "iptables" if shutil.which("iptables") else None
+        return dataclasses.replace(criu, network_lock=lock)
 
     def _base(self) -> list[str]:
         return [self.path] + (["--unprivileged"] if self.unprivileged else [])
@@ -176,7 +181,7 @@ class Criu:
     ) -> DumpStats:
         """Dump the tree rooted at ``pid`` into ``images``, leaving it running; CriuFailed naming the error."""
         args = ["dump", "-t", str(pid), "-D", images, "-W", work, "-o", "dump.log", "--leave-running"]
-        args += ["--tcp-established"] if tcp_established else []
+        args += self._tcp_args(tcp_established)
         args += self._plugin_args(plugins)
         self._call(args, what=f"criu dump of pid {pid}", log_file=os.path.join(work, "dump.log"), wait=while_waiting)
         try:
@@ -202,7 +207,7 @@ class Criu:
         args = ["restore", "-D", images, "-W", work, "-o", "restore.log", "-d", "--pidfile", pidfile]
         for name, fd in inherit.items():
             args += ["--inherit-fd", f"fd[{fd}]:{name}"]
-        args += ["--tcp-established"] if tcp_established else []
+        args += self._tcp_args(tcp_established)
         args += self._plugin_args(plugins)
         self._call(
             args,
@@ -218,6 +223,11 @@ class Criu:
             raise CriuFailed(f"criu restore of {images} wrote no pid file: {e}") from e
         finally:
             _unlink(pidfile)
+
+    def _tcp_args(self, tcp_established: bool) -> list[str]:
+        if not tcp_established:
+            return []
+        return ["--tcp-established"] + (["--network-lock", self.network_lock] if self.network_lock else [])
 
     def _plugin_args(self, plugins: bool) -> list[str]:
         return ["--libdir", self.libdir] if plugins and self.libdir else []
@@ -255,16 +265,22 @@ class Criu:
             raise CriuFailed(f"{what} failed: {reason} (log: {log_file})")
 
 
-def first_error(log_file: str) -> str:
-    """The first fatal error line of a CRIU log, without its timestamp; '' when there is none."""
+def first_error(log_file: str, most: int = 3) -> str:
+    """The first fatal errors of a CRIU log on one line, without timestamps and sources; '' when none."""
+    found: list[str] = []
     try:
         with open(log_file, errors="replace") as f:
             for line in f:
-                if "Error (" in line and not any(h in line for h in _HARMLESS):
-                    return re.sub(r"^\(\s*[\d.]+\)\s*", "", line.strip())
+                if "Error (" not in line or any(h in line for h in _HARMLESS) or "FAILED" in line:
+                    continue
+                text = re.sub(r"^(\(\s*[\d.]+\)\s*)?Error \([^)]*\):\s*", "", line.strip())
+                if text not in found:
+                    found.append(text)
+                if len(found) == most:
+                    break
     except OSError:
         pass
-    return ""
+    return "; ".join(found)
 
 
 def _run(cmd: list[str], *, what: str) -> subprocess.CompletedProcess:

@@ -415,6 +415,11 @@ class TransparentRun(Supervisor):
                 f"{view.outside[0].describe()}, outside the job; CRIU cannot restore connections to other "
                 f"hosts (multi-node torch.distributed, NCCL, a server): {HOOK}"
             )
+        if view.inside and self.criu.network_lock is None:
+            self._refuse(
+                "its processes talk over TCP among themselves, and CRIU can hold such connections still only "
+                f"with iptables or its nftables support (neither is here): install iptables, or {HOOK}"
+            )
         if view.gpu and self._gpu is None:
             try:
                 self._gpu = gpu_tools(self.criu.libdir)
