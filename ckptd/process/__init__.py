@@ -10,7 +10,9 @@ job and stops it.
     probe.py        the job's process tree from /proc: its TCP connections, its GPU use
     launch.py       the launcher: a new PID namespace and session, then exec (run as a script)
     stdio.py        the job's stdout/stderr: pipes pumped into ``ckptd run``'s own
+    job.py          the job's processes: launched or restored, waited for, stopped
     image.py        a dump as a snapshot: manifest of kind "process" and the gate that reads it back
+    dumper.py       images of the running job into the tiers, and what they cost the job
     control.py      running transparent jobs by id, and ``ckptd pause``
     transparent.py  the run loop: launch or restore, dump on the policy, restore after a death
 """

@@ -11,6 +11,8 @@ restore and ``ckptd verify`` alike.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import platform
 import shutil
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..errors import SnapshotCorrupt, SnapshotExists
+from ..errors import SnapshotCorrupt, SnapshotExists, StoreError
 from ..restore.find import snapshot_steps
 from ..snapshot.dirs import LocalCommit, attempt_dir
 from ..snapshot.manifest import MANIFEST, FileEntry, Manifest, require_kind, step_dir, utc_now
@@ -30,6 +32,9 @@ from ..store.base import Store
 from ..store.checksum import DEFAULT_ALGO, file_checksum
 from ..store.file import FileStore, fsync_dir, rename_noreplace
 
+DONE_KEY = ".ckptd/transparent-done.json"
+"""Written when a transparent job completes: a later run of the same command starts it anew."""
+log = logging.getLogger("ckptd")
 _MAX_ARGS = 4096
 _MAX_TEXT = 1 << 16
 
@@ -176,12 +181,33 @@ def commit(
     return LocalCommit(manifest, data, final, True)
 
 
-def link_images(directory: str, manifest: Manifest, scratch: str) -> None:
-    """Hard links of an image's files in ``scratch``: CRIU restores from there and writes its own files
-    (stats-restore) there, never into the committed directory."""
+def mark_done(store: Store, step: int, *, job: str, command: tuple[str, ...]) -> None:
+    """Record in ``store`` that the job completed after image ``step``; a failure is only logged."""
+    body = {"step": step, "job": job, "command": list(command)}
+    try:
+        store.put_bytes(DONE_KEY, json.dumps(body).encode())
+    except (StoreError, OSError) as e:
+        log.warning("ckptd run: could not record that job %s completed (%s)", job, e)
+
+
+def done_step(store: Store) -> int | None:
+    """The image after which the job in ``store`` completed, None if it has not (or the record is bad)."""
+    try:
+        if not store.exists(DONE_KEY):
+            return None
+        raw = json.loads(store.get_bytes(DONE_KEY)[:4096])
+    except (StoreError, OSError, ValueError):
+        return None
+    step = raw.get("step") if isinstance(raw, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def link_images(directory: str, names: list[str], scratch: str) -> None:
+    """Hard links of an image's files in ``scratch``: CRIU restores from there, and anything it writes
+    goes there, never into the committed directory."""
     os.makedirs(scratch)
-    for f in manifest.files:
-        os.link(os.path.join(directory, f.name), os.path.join(scratch, f.name))
+    for name in names:
+        os.link(os.path.join(directory, name), os.path.join(scratch, name))
 
 
 def _write_synced(path: str, data: bytes) -> None:

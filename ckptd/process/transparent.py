@@ -13,55 +13,34 @@ the job once more, stop it, wait until that image is durable within ``grace`` an
 from __future__ import annotations
 
 import faulthandler
-import json
 import logging
 import os
-import shutil
 import signal
-import statistics
-import subprocess
-import sys
-import threading
 import time
-import uuid
-from concurrent.futures import Future
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any
+from typing import Any, NoReturn
 
 from .._persist_client import PersistClient
-from ..errors import (
-    CkptdError,
-    ConfigError,
-    CriuFailed,
-    LeaseLost,
-    NoGoodSnapshot,
-    SnapshotCorrupt,
-    SnapshotExists,
-    StoreError,
-    TransparentRefused,
-)
+from ..errors import ConfigError, CriuFailed, NoGoodSnapshot, SnapshotCorrupt, TransparentRefused
 from ..persist import retention
-from ..persist.lease import Lease
+from ..persist.lease import Lease, env_job_id
 from ..persist.tiers import Tiers, default_local_dir
 from ..policy import EverySeconds, PolicyContext, RiskAwarePolicy, SnapshotPolicy
 from ..preempt import EXIT_PREEMPTED
-from ..snapshot.dirs import LocalCommit
 from ..snapshot.manifest import Manifest, step_dir
 from ..store import FileStore, open_store
 from ..supervisor import EXIT_EXHAUSTED, Restart, RunConfig, RunSummary, Supervisor, describe_exit
-from . import control, launch, probe
+from . import control, probe
 from .criu import HOOK, Criu
+from .dumper import Dumper, DumpTarget
 from .gpu import GpuTools, gpu_tools
-from .image import ProcessMeta, commit, kernel, link_images, next_step, start_attempt
-from .stdio import JobOutput
+from .image import ProcessMeta, done_step, mark_done
+from .job import JobProcess, become_subreaper
 
 log = logging.getLogger("ckptd")
 
-DONE_KEY = ".ckptd/transparent-done.json"
-"""Written when the job completes: a later run of the same command starts it anew, not from an image."""
 _TICK = 0.1
-_PR_SET_CHILD_SUBREAPER = 36
 
 
 class Phase(Enum):
@@ -127,19 +106,12 @@ class TransparentRun(Supervisor):
             if config.interval
             else RiskAwarePolicy(keep_last=config.keep_last, max_interval=30 * 60.0)
         )
-        self._pid: int | None = None
-        self._output: JobOutput | None = None
+        self._job: JobProcess | None = None
         self._since = time.monotonic()
         self._pause_at: float | None = None
-        self._images = 0
-        self._freeze: list[float] = []
-        self._persist_s: list[float] = []
-        self._nbytes: int | None = None
-        self._pending: list[Future] = []
         self._commands: list = []
         self._gpu: GpuTools | None = None
-        self._dump_failures = 0
-        self._lock = threading.Lock()
+        self._dumper: Dumper | None = None
         self._lease: Lease | None = None
         self._persist: PersistClient | None = None
         self._record: control.RunRecord | None = None
@@ -163,7 +135,7 @@ class TransparentRun(Supervisor):
                 outcome = "paused" if self._pause_at is not None else "preempted"
                 return self._finish(outcome, EXIT_PREEMPTED, restarts)
             if code == 0:
-                self._mark_done()
+                mark_done(self.store, self.dumper.last_step, job=self.job, command=tuple(self.config.command))
                 return self._finish("completed", 0, restarts)
             noticed = time.time()
             restarts.append(Restart(describe_exit(code), code, noticed_at=noticed, detection_s=_TICK))
@@ -173,7 +145,7 @@ class TransparentRun(Supervisor):
                 record_failure(1)
             if len(restarts) > self.config.max_restarts:
                 restarts.pop()
-                self._settle(time.monotonic() + self.config.grace)
+                self.dumper.settle(time.monotonic() + self.config.grace)
                 return self._finish(
                     f"exhausted after {self.config.max_restarts} restarts ({describe_exit(code)})",
                     code if code > 0 else 128 - code if code < 0 else EXIT_EXHAUSTED,
@@ -222,15 +194,13 @@ class TransparentRun(Supervisor):
     # -- resources ----------------------------------------------------------------------
 
     def _open(self) -> None:
-        import ctypes
-
         cfg = self.tconfig
         self.store = open_store(cfg.store, create=True)
         is_file = isinstance(self.store, FileStore)
         if is_file and cfg.local is not None:
             raise ConfigError(f"--local applies to object stores; {self.store.uri} is already local")
         self._lease = Lease(self.store, job=self.job, take_over=cfg.take_over).acquire()
-        local = None if is_file else (cfg.local or default_local_dir(self.store.uri, _env_job()))
+        local = None if is_file else (cfg.local or default_local_dir(self.store.uri, env_job_id()))
         link = self._connect_daemon(local or str(getattr(self.store, "root", "")))
         self.tiers = Tiers(
             self.store,
@@ -244,12 +214,12 @@ class TransparentRun(Supervisor):
         self.local: FileStore = self.tiers.local
         self._work = os.path.join(self.local.root, ".criu-logs")
         os.makedirs(self._work, exist_ok=True)
-        remote = [] if self.tiers.remote is None else [self.tiers.remote]
-        self._next = next_step(self.local, *remote)
-        self._record = control.register(self.job, cfg.store, cfg.command)
-        self._old_pause = signal.signal(control.PAUSE_SIGNAL, self._on_pause)
+        target = DumpTarget(job=self.job, command=tuple(cfg.command), work=self._work)
+        self._dumper = Dumper(self.criu, self.tiers, self._persist, target, fence=self._fence, beat=self._beat)
+        self._old_pause = signal.signal(control.PAUSE_SIGNAL, self._on_pause)  # before `ckptd pause` can find us
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # the daemon's hang report, not a kill
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        self._record = control.register(self.job, cfg.store, cfg.command)
+        become_subreaper()
         log.warning(
             "ckptd run: transparent job %s, images in %s (pause it: ckptd pause %s)",
             self.job,
@@ -271,6 +241,7 @@ class TransparentRun(Supervisor):
         self._kill()
         if self._record is not None:
             control.unregister(self._record)
+        if self._old_pause is not None:
             signal.signal(control.PAUSE_SIGNAL, self._old_pause)
             faulthandler.unregister(signal.SIGUSR1)
         if self._persist is not None:
@@ -279,6 +250,15 @@ class TransparentRun(Supervisor):
             self._lease.release()
         elif getattr(self, "store", None) is not None:
             self.store.close()
+
+    @property
+    def dumper(self) -> Dumper:
+        assert self._dumper is not None, "the run is not open"
+        return self._dumper
+
+    def _fence(self) -> None:
+        if self._lease is not None:
+            self._lease.check()  # a run that lost the store's lease commits nothing
 
     def _on_pause(self, signum, frame) -> None:
         if self._pause_at is None:
@@ -296,7 +276,7 @@ class TransparentRun(Supervisor):
 
     def _restore_newest(self) -> bool:
         """Restore the newest image that verifies and restores; False when there is none to restore."""
-        done = self._done_step()
+        done = done_step(self.store)
         if done is not None and max(self.tiers.candidates(), default=-1) <= done:
             log.warning("ckptd run: the last run of job %s completed; starting it anew", self.job)
             return False
@@ -326,32 +306,18 @@ class TransparentRun(Supervisor):
                 below = manifest.step
 
     def _restore(self, manifest: Manifest, meta: ProcessMeta) -> None:
-        plugins = bool(meta.driver)
-        if plugins and self._gpu is None:
+        if meta.driver and self._gpu is None:
             self._gpu = gpu_tools(self.criu.libdir)
-        scratch = os.path.join(self._work, f"restore-{manifest.step}-{uuid.uuid4().hex[:8]}")
-        link_images(self.local.path_of(step_dir(manifest.step)), manifest, scratch)
-        output = JobOutput()
         t0 = time.monotonic()
-        try:
-            pid = self.criu.restore(
-                scratch,
-                work=self._work,
-                inherit={f"pipe:[{ino}]": fd for ino, fd in zip(meta.stdio, output.job_ends)},
-                tcp_established=meta.tcp_established,
-                plugins=plugins,
-                while_waiting=self._beat,
-            )
-        except BaseException:
-            output.close(timeout=0.5)
-            raise
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        output.close_job_ends()
-        self._pid, self._output = pid, output
-        if not self._freeze and "freeze_s" in manifest.metrics:
-            self._freeze.append(manifest.metrics["freeze_s"])  # the policy's cost, until this run measures one
-            self._nbytes = manifest.nbytes
+        self._job = JobProcess.restore(
+            self.criu,
+            self.local.path_of(step_dir(manifest.step)),
+            meta,
+            [f.name for f in manifest.files],
+            work=self._work,
+            while_waiting=self._beat,
+        )
+        self.dumper.restored(manifest)
         log.warning(
             "ckptd run: restored job %s from image %d (%s) in %.2f s",
             self.job,
@@ -361,55 +327,24 @@ class TransparentRun(Supervisor):
         )
 
     def _launch(self) -> None:
-        output = JobOutput()
-        report_r, report_w = os.pipe()
         env = dict(os.environ)
         if self.config.gpus is not None:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.healthy_gpus())
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-S", launch.__file__, str(report_w), "--", *self.config.command],
-                stdin=subprocess.DEVNULL,
-                stdout=output.job_ends[0],
-                stderr=output.job_ends[1],
-                pass_fds=(report_w,),
-                env=env,
-            )
-        finally:
-            os.close(report_w)
-        output.close_job_ends()
-        with os.fdopen(report_r, "rb") as f:
-            reported = f.read(64)
-        code = proc.wait()
-        if code != 0 or not reported.strip().isdigit():
-            output.close()
-            raise ConfigError(f"could not start {self.config.command[0]!r} in a PID namespace (launcher exit {code})")
-        self._pid, self._output = int(reported), output
-        log.info("ckptd run: launched job %s as pid %d", self.job, self._pid)
+        self._job = JobProcess.launch(tuple(self.config.command), env)
+        log.info("ckptd run: launched job %s as pid %s", self.job, self._job.pid)
 
     # -- while it runs ----------------------------------------------------------------------
 
     def _reap(self) -> int | None:
-        """The job's exit code (negative: the signal) once it has ended; None while it runs."""
-        assert self._pid is not None
-        try:
-            pid, status = os.waitpid(self._pid, os.WNOHANG)
-        except ChildProcessError:  # not ours to wait for (no subreaper): judge by /proc
-            if os.path.exists(f"/proc/{self._pid}"):
-                return None
-            pid, status = self._pid, 1 << 8
-        if pid == 0:
-            return None
-        self._pid = None
-        if self._output is not None:
-            self._output.close()
-            self._output = None
-        return os.waitstatus_to_exitcode(status)
+        """The job's exit code once it has ended (negative: the signal); None while it runs."""
+        assert self._job is not None
+        return self._job.poll()
 
-    def _probe(self) -> None:
-        """Refuse the job at once when it holds a connection CRIU cannot restore, or lacks GPU tooling."""
-        assert self._pid is not None
-        view = probe.look(self._pid)
+    def _probe(self) -> probe.TreeView:
+        """The job's tree now; refuse the job at once when it holds a connection CRIU cannot restore, or
+        lacks GPU tooling."""
+        assert self._job is not None and self._job.pid is not None
+        view = probe.look(self._job.pid)
         if view.outside:
             self._refuse(
                 f"{view.outside[0].describe()}, outside the job; CRIU cannot restore connections to other "
@@ -425,17 +360,19 @@ class TransparentRun(Supervisor):
                 self._gpu = gpu_tools(self.criu.libdir)
             except TransparentRefused as e:
                 self._refuse(str(e))
+        return view
 
-    def _refuse(self, why: str) -> None:
+    def _refuse(self, why: str) -> NoReturn:
         """Stop the job (SIGTERM, SIGKILL after the grace period) and end the run with ``why``."""
-        log.error("ckptd run: refusing job %s: %s", self.job, why)
-        self._kill(grace=self.config.grace)
+        if self._job is not None:
+            self._job.kill(grace=self.config.grace)
         raise TransparentRefused(f"job {self.job} cannot run in transparent mode: {why}")
 
     def _beat(self) -> None:
         """Heartbeat the daemon; its commands wait for the loop."""
         assert self._persist is not None
-        for cmd in self._persist.heartbeat(self._images, None):
+        taken = self._dumper.taken if self._dumper is not None else 0
+        for cmd in self._persist.heartbeat(taken, None):
             self._commands.append(cmd)
 
     def _take_commands(self) -> list[str]:
@@ -451,130 +388,43 @@ class TransparentRun(Supervisor):
 
     def _due(self) -> bool:
         now = time.monotonic()
-        measured = bool(self._freeze)
-        if not measured and self.tconfig.interval is None and now - self._since < self.tconfig.first_after:
+        freeze = self.dumper.freeze
+        if freeze is None and self.tconfig.interval is None and now - self._since < self.tconfig.first_after:
             return False
-        with self._lock:
-            persist = statistics.median(self._persist_s) if self._persist_s else None
-            in_flight = sum(not f.done() for f in self._pending)
         ctx = PolicyContext(
-            step=self._images,
+            step=self.dumper.taken,
             now=now,
-            steps_since=1 if measured else None,
+            steps_since=None if freeze is None else 1,
             seconds_since=now - self._since,
             step_time=None,
-            stall=statistics.median(self._freeze) if measured else None,
-            persist=persist,
-            in_flight=in_flight,
+            stall=freeze,
+            persist=self.dumper.persist_s,
+            in_flight=self.dumper.in_flight,
             gpus=max(1, len(self.config.gpus or ())),
-            nbytes=self._nbytes,
+            nbytes=self.dumper.nbytes,
         )
         return self.policy.should_snapshot(ctx=ctx)
 
-    # -- images -------------------------------------------------------------------------------
-
-    def _dump(self, reason: str) -> LocalCommit | None:
-        """One image of the running job, committed locally and handed to the persist path; None if it failed."""
-        assert self._pid is not None
-        self._probe()
-        if self._nbytes and not self.tiers.make_room(int(self._nbytes * 1.1)):
+    def _dump(self, reason: str) -> None:
+        """One image of the running job, unless it must be refused or the local tier is full."""
+        view = self._probe()
+        if not self.dumper.has_room():
             log.warning("ckptd run: no room for another image in %s; skipping this one", self.local.root)
-            return None
+            return
         self._advance(Phase.DUMPING)
         try:
-            return self._dump_now(reason)
+            self._take(view, reason)
         finally:
             if self.phase is Phase.DUMPING:
                 self._advance(Phase.RUNNING)
 
-    def _dump_now(self, reason: str) -> LocalCommit | None:
-        assert self._pid is not None and self._output is not None
-        view = probe.look(self._pid)
-        step, self._next = self._next, self._next + 1
-        attempt, directory = start_attempt(self.local, step)
-        t0 = time.monotonic()
-        try:
-            stats = self.criu.dump(
-                self._pid,
-                directory,
-                work=self._work,
-                tcp_established=view.inside,
-                plugins=view.gpu,
-                while_waiting=self._beat,
-            )
-            meta = ProcessMeta(
-                command=tuple(self.config.command),
-                criu=self.criu.version_text,
-                kernel=kernel(),
-                stdio=self._output.inodes,
-                tcp_established=view.inside,
-                driver=self._gpu.driver if view.gpu and self._gpu else "",
-            )
-            metrics = {"freeze_s": stats.frozen_s, "dump_s": time.monotonic() - t0, "pages": stats.pages_written}
-            done = commit(
-                self.local,
-                directory,
-                step=step,
-                attempt=attempt,
-                job=self.job,
-                meta=meta,
-                metrics=metrics,
-                fence=self._fence,
-            )
-        except LeaseLost:
-            raise
-        except (CriuFailed, SnapshotExists, SnapshotCorrupt, OSError) as e:
-            shutil.rmtree(directory, ignore_errors=True)
-            self._dump_failures += 1
-            if self._reap_later_dead():
-                return None  # the job died during the dump: its exit is what matters
-            if self._dump_failures in (1, 2, 10, 100) or self._dump_failures % 1000 == 0:
-                log.warning("ckptd run: image of job %s failed (%d so far): %s", self.job, self._dump_failures, e)
-            return None
-        self._images += 1
+    def _take(self, view: probe.TreeView, reason: str) -> bool:
+        assert self._job is not None
+        driver = self._gpu.driver if view.gpu and self._gpu is not None else ""
+        if self.dumper.take(self._job, view, driver=driver, reason=reason) is None:
+            return False
         self._since = time.monotonic()
-        self._freeze.append(stats.frozen_s)
-        del self._freeze[:-16]
-        self._nbytes = done.manifest.nbytes
-        assert self._persist is not None
-        durable = self._persist.committed(done)
-        with self._lock:
-            self._pending = [f for f in self._pending if not f.done()] + [durable]
-        self._retain(self.tiers.retain_local, step)
-        durable.add_done_callback(lambda fut: self._durable(done, t0, fut))
-        log.info(
-            "ckptd run: image %d of job %s (%s): %.0f MB, frozen %.3f s, dump %.2f s",
-            step,
-            self.job,
-            reason,
-            done.manifest.nbytes / 1e6,
-            stats.frozen_s,
-            metrics["dump_s"],
-        )
-        return done
-
-    def _fence(self) -> None:
-        if self._lease is not None:
-            self._lease.check()
-
-    def _reap_later_dead(self) -> bool:
-        return self._pid is not None and not os.path.exists(f"/proc/{self._pid}/fd")
-
-    def _durable(self, done: LocalCommit, started: float, fut: Future) -> None:
-        if fut.exception() is not None:
-            log.warning("ckptd run: image %d is local only: %s", done.manifest.step, fut.exception())
-            return
-        with self._lock:
-            self._persist_s.append(time.monotonic() - started)
-            del self._persist_s[:-16]
-        self.tiers.release(done)
-        self._retain(self.tiers.retain_remote, done.manifest.step)
-
-    def _retain(self, apply, step: int) -> None:
-        try:
-            apply(step)
-        except (OSError, CkptdError) as e:
-            log.warning("ckptd run: retention after image %d failed: %s", step, e)
+        return True
 
     # -- the end --------------------------------------------------------------------------------
 
@@ -583,29 +433,13 @@ class TransparentRun(Supervisor):
         asked = self._pause_at if self._pause_at is not None else self._sigterm_at
         assert asked is not None
         self._advance(Phase.STOPPING)
-        done = self._dump_now("pause" if self._pause_at is not None else "SIGTERM")
+        pid = self._job.pid if self._job is not None else None
+        took = pid is not None and self._take(probe.look(pid), "pause" if self._pause_at is not None else "SIGTERM")
         self._kill()
         self._advance(Phase.ENDED)
-        if done is None:
+        if not took:
             log.warning("ckptd run: the last image of job %s failed; it resumes from the one before", self.job)
-        self._settle(asked + self.config.grace)
-
-    def _settle(self, deadline: float) -> None:
-        """Wait until the images taken are durable, at most until ``deadline``."""
-        with self._lock:
-            pending = [f for f in self._pending if not f.done()]
-        if not pending or self._persist is None:
-            return
-        self._persist.wait_reported(pending, self._images, deadline)
-        for f in pending:
-            try:
-                f.result(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception:  # reported below: the run is ending anyway
-                pass
-        late = [f for f in pending if not f.done() or f.exception() is not None]
-        if late:
-            where = "this node's daemon goes on uploading" if self._persist.uses_daemon else "resume on this node"
-            log.warning("ckptd run: %d image(s) not durable in the object store yet: %s", len(late), where)
+        self.dumper.settle(asked + self.config.grace)
 
     def _wait(self, seconds: float) -> bool:
         """Sleep before a restore; True if SIGTERM or a pause came meanwhile."""
@@ -614,55 +448,6 @@ class TransparentRun(Supervisor):
             time.sleep(min(0.05, max(0.0, end - time.monotonic())))
         return self._sigterm_at is not None or self._pause_at is not None
 
-    def _kill(self, grace: float = 0.0) -> None:
-        """Stop the job: SIGTERM first when given a grace period, then SIGKILL to its namespace's init."""
-        pid = self._pid
-        if pid is None:
-            return
-        if grace > 0:
-            _signal(pid, signal.SIGTERM)
-            end = time.monotonic() + grace
-            while time.monotonic() < end and self._reap() is None:
-                time.sleep(0.05)
-            if self._pid is None:
-                return
-        _signal(pid, signal.SIGKILL)
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
-        self._pid = None
-        if self._output is not None:
-            self._output.close()
-            self._output = None
-
-    def _mark_done(self) -> None:
-        """Record that the job completed, so the same command later starts it anew."""
-        body = {"step": self._next - 1, "job": self.job, "command": list(self.config.command)}
-        try:
-            self.store.put_bytes(DONE_KEY, json.dumps(body).encode())
-        except (StoreError, OSError) as e:
-            log.warning("ckptd run: could not record that job %s completed (%s)", self.job, e)
-
-    def _done_step(self) -> int | None:
-        try:
-            if not self.store.exists(DONE_KEY):
-                return None
-            raw = json.loads(self.store.get_bytes(DONE_KEY)[:4096])
-            step = raw.get("step") if isinstance(raw, dict) else None
-            return step if isinstance(step, int) and not isinstance(step, bool) else None
-        except (StoreError, OSError, ValueError):
-            return None
-
-
-def _env_job() -> str | None:
-    from ..persist.lease import env_job_id
-
-    return env_job_id()
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+    def _kill(self) -> None:
+        if self._job is not None:
+            self._job.kill()
