@@ -40,6 +40,17 @@ def _criu_here() -> str | None:
 needs_criu = pytest.mark.skipif(_criu_here() is not None, reason=str(_criu_here()))
 
 
+@pytest.fixture(autouse=True)
+def drop_images_of_passed_tests(request, tmp_path):
+    """A torch job's images are ~200 MB each: a test that passed leaves none behind (a failed one keeps its)."""
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed:
+        import shutil
+
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def job(out: str, *extra: str) -> list[str]:
     return [sys.executable, JOB, "--out", out, *STEPS, *extra]
 
