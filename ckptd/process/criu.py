@@ -14,7 +14,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import CriuFailed, TransparentRefused
@@ -177,13 +177,12 @@ class Criu:
         work: str,
         tcp_established: bool = False,
         plugins: bool = False,
-        while_waiting: Callable[[], None] | None = None,
     ) -> DumpStats:
         """Dump the tree rooted at ``pid`` into ``images``, leaving it running; CriuFailed naming the error."""
         args = ["dump", "-t", str(pid), "-D", images, "-W", work, "-o", "dump.log", "--leave-running"]
         args += self._tcp_args(tcp_established)
         args += self._plugin_args(plugins)
-        self._call(args, what=f"criu dump of pid {pid}", log_file=os.path.join(work, "dump.log"), wait=while_waiting)
+        self._call(args, what=f"criu dump of pid {pid}", log_file=os.path.join(work, "dump.log"))
         try:
             os.replace(os.path.join(work, STATS), os.path.join(images, STATS))
             with open(os.path.join(images, STATS), "rb") as f:
@@ -199,7 +198,6 @@ class Criu:
         inherit: Mapping[str, int],
         tcp_established: bool = False,
         plugins: bool = False,
-        while_waiting: Callable[[], None] | None = None,
     ) -> int:
         """Restore the tree in ``images`` detached; returns its root's pid. ``inherit``: CRIU's name of a
         file of the image (``pipe:[INODE]``) → an fd of this process that takes its place."""
@@ -213,7 +211,6 @@ class Criu:
             args,
             what=f"criu restore of {images}",
             log_file=os.path.join(work, "restore.log"),
-            wait=while_waiting,
             pass_fds=tuple(inherit.values()),
         )
         try:
@@ -238,7 +235,6 @@ class Criu:
         *,
         what: str,
         log_file: str,
-        wait: Callable[[], None] | None,
         pass_fds: tuple[int, ...] = (),
     ) -> None:
         proc = subprocess.Popen(
@@ -248,18 +244,12 @@ class Criu:
             stderr=subprocess.PIPE,
             pass_fds=pass_fds,
         )
-        deadline = time.monotonic() + _TIMEOUT
-        while True:
-            try:
-                _, err = proc.communicate(timeout=0.2)
-                break
-            except subprocess.TimeoutExpired:
-                if time.monotonic() > deadline:
-                    proc.kill()
-                    proc.communicate()
-                    raise CriuFailed(f"{what} took over {_TIMEOUT:.0f} s and was stopped; see {log_file}") from None
-                if wait is not None:
-                    wait()
+        try:
+            _, err = proc.communicate(timeout=_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise CriuFailed(f"{what} took over {_TIMEOUT:.0f} s and was stopped; see {log_file}") from None
         if proc.returncode != 0:
             reason = first_error(log_file) or err.decode(errors="replace").strip()[-300:] or f"exit {proc.returncode}"
             raise CriuFailed(f"{what} failed: {reason} (log: {log_file})")

@@ -55,10 +55,9 @@ class Dumper:
         target: DumpTarget,
         *,
         fence: Callable[[], None],
-        beat: Callable[[], None],
     ) -> None:
         self.criu, self.tiers, self.persist, self.target = criu, tiers, persist, target
-        self._fence, self._beat = fence, beat
+        self._fence = fence
         remote = [] if tiers.remote is None else [tiers.remote]
         self._next = next_step(tiers.local, *remote)
         self.taken = 0
@@ -117,7 +116,6 @@ class Dumper:
                 work=self.target.work,
                 tcp_established=view.inside,
                 plugins=view.gpu,
-                while_waiting=self._beat,
             )
             meta = ProcessMeta(
                 command=self.target.command,

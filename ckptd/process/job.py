@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from ..errors import ConfigError
 from . import launch
@@ -75,7 +75,6 @@ class JobProcess:
         names: list[str],
         *,
         work: str,
-        while_waiting: Callable[[], None] | None = None,
     ) -> JobProcess:
         """Restore the image in ``images`` (files ``names``), its stdout and stderr on new pipes."""
         scratch = os.path.join(work, f"restore-{uuid.uuid4().hex[:8]}")
@@ -88,7 +87,6 @@ class JobProcess:
                 inherit={f"pipe:[{ino}]": fd for ino, fd in zip(meta.stdio, output.job_ends)},
                 tcp_established=meta.tcp_established,
                 plugins=bool(meta.driver),
-                while_waiting=while_waiting,
             )
         except BaseException:
             output.close(timeout=0.5)

@@ -16,7 +16,9 @@ import faulthandler
 import logging
 import os
 import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any, NoReturn
@@ -110,6 +112,8 @@ class TransparentRun(Supervisor):
         self._since = time.monotonic()
         self._pause_at: float | None = None
         self._commands: list = []
+        self._commands_lock = threading.Lock()
+        self._heartbeat: Heartbeat | None = None
         self._gpu: GpuTools | None = None
         self._dumper: Dumper | None = None
         self._lease: Lease | None = None
@@ -180,7 +184,6 @@ class TransparentRun(Supervisor):
             if time.monotonic() >= next_probe:
                 self._probe()
                 next_probe = time.monotonic() + self.tconfig.probe_every
-            self._beat()
             reasons = self._take_commands()
             if reasons or self._due():
                 self._dump(reasons[0] if reasons else "policy")
@@ -215,7 +218,8 @@ class TransparentRun(Supervisor):
         self._work = os.path.join(self.local.root, ".criu-logs")
         os.makedirs(self._work, exist_ok=True)
         target = DumpTarget(job=self.job, command=tuple(cfg.command), work=self._work)
-        self._dumper = Dumper(self.criu, self.tiers, self._persist, target, fence=self._fence, beat=self._beat)
+        self._dumper = Dumper(self.criu, self.tiers, self._persist, target, fence=self._fence)
+        self._heartbeat = Heartbeat(self._beat)
         self._old_pause = signal.signal(control.PAUSE_SIGNAL, self._on_pause)  # before `ckptd pause` can find us
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # the daemon's hang report, not a kill
         self._record = control.register(self.job, cfg.store, cfg.command)
@@ -239,6 +243,8 @@ class TransparentRun(Supervisor):
     def _close(self) -> None:
         """Undo what ``_open`` did, as far as it got."""
         self._kill()
+        if self._heartbeat is not None:
+            self._heartbeat.close()
         if self._record is not None:
             control.unregister(self._record)
         if self._old_pause is not None:
@@ -315,7 +321,6 @@ class TransparentRun(Supervisor):
             meta,
             [f.name for f in manifest.files],
             work=self._work,
-            while_waiting=self._beat,
         )
         self.dumper.restored(manifest)
         log.warning(
@@ -369,16 +374,17 @@ class TransparentRun(Supervisor):
         raise TransparentRefused(f"job {self.job} cannot run in transparent mode: {why}")
 
     def _beat(self) -> None:
-        """Heartbeat the daemon; its commands wait for the loop."""
-        assert self._persist is not None
-        taken = self._dumper.taken if self._dumper is not None else 0
-        for cmd in self._persist.heartbeat(taken, None):
-            self._commands.append(cmd)
+        """Heartbeat the daemon (from the Heartbeat thread); its commands wait for the loop."""
+        assert self._persist is not None and self._dumper is not None
+        commands = self._persist.heartbeat(self._dumper.taken, None)
+        with self._commands_lock:
+            self._commands += commands
 
     def _take_commands(self) -> list[str]:
         """Apply the daemon's risk raises; the reasons of its snapshot_now commands."""
         reasons = []
-        commands, self._commands = self._commands, []
+        with self._commands_lock:
+            commands, self._commands = self._commands, []
         for cmd in commands:
             if cmd.kind == "snapshot_now":
                 reasons.append(f"daemon: {cmd.reason}")
@@ -451,3 +457,25 @@ class TransparentRun(Supervisor):
     def _kill(self) -> None:
         if self._job is not None:
             self._job.kill()
+
+
+class Heartbeat:
+    """Calls ``beat`` every ``every`` seconds from a thread of its own until ``close()``, so a long dump,
+    restore or download is never taken for a hang by the daemon. ``beat`` must be thread-safe."""
+
+    def __init__(self, beat: Callable[[], None], every: float = 0.2) -> None:
+        self._beat, self._every = beat, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ckptd-transparent-beat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            try:
+                self._beat()
+            except Exception:  # a heartbeat that fails must not end the run; the daemon link says why
+                log.debug("ckptd run: heartbeat failed", exc_info=True)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
