@@ -13,6 +13,7 @@ from .config import CheckpointerConfig
 from .errors import (
     CkptdError,
     ConfigError,
+    CriuFailed,
     DaemonUnavailable,
     IncompatibleSnapshot,
     InsufficientMemory,
@@ -26,6 +27,7 @@ from .errors import (
     StoreError,
     StoreInUse,
     StoreUnreachable,
+    TransparentRefused,
     UnsafeSnapshot,
 )
 from .preempt import EXIT_PREEMPTED
@@ -45,6 +47,7 @@ __all__ = [
     "load",
     "CkptdError",
     "ConfigError",
+    "CriuFailed",
     "DaemonUnavailable",
     "IncompatibleSnapshot",
     "InsufficientMemory",
@@ -58,6 +61,7 @@ __all__ = [
     "StoreError",
     "StoreInUse",
     "StoreUnreachable",
+    "TransparentRefused",
     "UnsafeSnapshot",
 ]
 

@@ -27,7 +27,7 @@ import torch
 from ..errors import SnapshotCorrupt, UnsafeSnapshot
 from ..snapshot.flatten import unflatten
 from ..snapshot.image import read_header, tensor_dtype
-from ..snapshot.manifest import FileEntry, Item, Manifest
+from ..snapshot.manifest import FileEntry, Item, Manifest, require_kind
 from .read import Piece, read_pieces
 
 
@@ -83,6 +83,7 @@ def read_state(
     into: Destinations | None = None,
 ) -> dict[str, Any]:
     """The nested state saved in ``directory`` (tensors on CPU), for the selected items."""
+    require_kind(manifest, "tensor", source=directory)
     values: dict[str, Any] = {}
     paths: dict[str, Any] = {}
     by_file: dict[str, list[Item]] = {}
