@@ -13,6 +13,7 @@ from .config import CheckpointerConfig
 from .errors import (
     CkptdError,
     ConfigError,
+    CriuFailed,
     DaemonUnavailable,
     IncompatibleSnapshot,
     InsufficientMemory,
@@ -27,6 +28,7 @@ from .errors import (
     StoreError,
     StoreInUse,
     StoreUnreachable,
+    TransparentRefused,
     UnsafeSnapshot,
 )
 from .preempt import EXIT_PREEMPTED
@@ -46,6 +48,7 @@ __all__ = [
     "load",
     "CkptdError",
     "ConfigError",
+    "CriuFailed",
     "DaemonUnavailable",
     "IncompatibleSnapshot",
     "InsufficientMemory",
@@ -60,6 +63,7 @@ __all__ = [
     "StoreError",
     "StoreInUse",
     "StoreUnreachable",
+    "TransparentRefused",
     "UnsafeSnapshot",
 ]
 

@@ -129,15 +129,19 @@ def ls_cmd(store: str, as_json: bool) -> None:
                     "tiers": list(i.tiers),
                     "world_size": i.world_size,
                     "uri": i.uri,
+                    "kind": i.kind,
                 }
                 for i in infos
             ]
         )
         return
     why = any(i.detail for i in infos)
+    kinds = any(i.kind != "tensor" for i in infos)
     table = _table(
         f"{store}: {sum(i.committed for i in infos)} committed",
-        ["step", "created", "size", "tiers", "state", "ranks"] + (["what it lacks"] if why else []),
+        ["step", "created", "size", "tiers", "state", "ranks"]
+        + (["kind"] if kinds else [])
+        + (["what it lacks"] if why else []),
     )
     for i in infos:
         state = i.state if i.committed else f"[yellow]{i.state}[/]"
@@ -148,6 +152,7 @@ def ls_cmd(store: str, as_json: bool) -> None:
             ",".join(i.tiers),
             state,
             str(i.world_size or "-"),
+            *([i.kind] if kinds else []),
             *([i.detail] if why else []),
         )
     _print(table)
@@ -166,6 +171,9 @@ def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
     info = tsf.describe(store) if "://" not in store and tsf.is_torchsnapshot(store) else describe(_open(store), step)
     if as_json:
         _json(info)
+        return
+    if info.get("kind") == "process":
+        _inspect_process(info)
         return
     head = [f"{k}: {info.get(k)}" for k in ("step", "created", "world_size", "host", "format") if info.get(k)]
     click.echo(
@@ -193,6 +201,24 @@ def inspect_cmd(store: str, step: int | None, as_json: bool) -> None:
         for name, value in _leaves(values):
             table.add_row(name, value)
         _print(table)
+
+
+def _inspect_process(info: dict) -> None:
+    """A process image of ``ckptd run --transparent``: what ran, on what, how long it froze, its files."""
+    proc = (info.get("meta") or {}).get("process") or {}
+    metrics = info.get("metrics") or {}
+    lines = [f"{k}: {info.get(k)}" for k in ("step", "created", "host", "format", "kind")]
+    lines += [
+        f"command: {' '.join(proc.get('command') or [])}",
+        f"criu: {proc.get('criu', '?')}, kernel: {proc.get('kernel', '?')}, driver: {proc.get('driver') or 'none'}",
+        f"size: {_size(info['nbytes'])}, frozen {metrics.get('freeze_s', float('nan')):.3f} s, "
+        f"dump {metrics.get('dump_s', float('nan')):.2f} s",
+    ]
+    click.echo("\n".join(lines))
+    table = _table(f"{len(info['files'])} CRIU image files", ["name", "bytes"])
+    for f in info["files"]:
+        table.add_row(f["name"], _size(f["size"]))
+    _print(table)
 
 
 _IO_PATHS = {
@@ -280,14 +306,8 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
 
     The copy is a plain DCP directory: dcp.load and ckptd both read it.
     """
-    import os
-
-    from .errors import NoGoodSnapshot, SnapshotCorrupt, SnapshotExists, StoreError
-    from .persist.transfer import download_snapshot
-    from .restore.find import list_snapshots, read_manifest
-    from .store.file import FileStore
     from .tools import torchsnapshot_format as tsf
-    from .tools.describe import newest_committed
+    from .tools.copy_out import copy_out
 
     if "://" not in store and tsf.is_torchsnapshot(store):
         from .tools.convert import convert
@@ -295,33 +315,26 @@ def restore_cmd(store: str, step: int | None, dest: str) -> None:
         m = convert(store, dest, step=step or 0)
         click.echo(f"converted torchsnapshot {store} into {dest}/step-{m.step:012d}")
         return
-    src = _open(store)
-    steps = (
-        [step]
-        if step is not None
-        else [newest_committed(src)]
-        + [i.step for i in reversed(list_snapshots(src)) if i.committed or i.state == "corrupt"]
-    )
-    bad: list[str] = []
-    for s in dict.fromkeys(steps):
-        target = os.path.join(dest, f"step-{s:012d}")
-        if os.path.exists(target):
-            raise UserError(f"{target} already exists; restore into another --to directory or remove it")
-        try:
-            bar, advance = _progress(read_manifest(src, s).nbytes, f"step {s}")
-            with bar:
-                m = download_snapshot(src, s, FileStore(dest), progress=advance)
-            break
-        except SnapshotExists:
-            raise
-        except (SnapshotCorrupt, StoreError) as e:  # a defect of this one snapshot: try the next older
-            if step is not None:
-                raise
-            click.echo(f"ckptd: skipping step-{s:012d}: {e}", err=True)
-            bad.append(f"step-{s:012d}: {e}")
-    else:
-        raise NoGoodSnapshot(f"no snapshot in {src.uri} verifies: " + "; ".join(bad), problems=bad)
-    click.echo(f"restored step {m.step} to {FileStore(dest).path_of(f'step-{m.step:012d}')} (verified)")
+    bars = []
+
+    def progress(m):
+        bar, advance = _progress(m.nbytes, f"step {m.step}")
+        bar.start()
+        bars.append(bar)
+        return advance
+
+    try:
+        done = copy_out(
+            _open(store),
+            dest,
+            step=step,
+            progress=progress,
+            skipping=lambda note: click.echo(f"ckptd: skipping {note}", err=True),
+        )
+    finally:
+        for bar in bars:
+            bar.stop()
+    click.echo(f"restored step {done.manifest.step} to {done.path} (verified)")
 
 
 @main.command("export")
@@ -760,13 +773,27 @@ def _fmt_s(value: float | None) -> str:
 @click.option("--socket", default=None, envvar="CKPTD_SOCKET", help="Daemon socket handed to the job.")
 @click.option("--no-daemon", is_flag=True, help="Do not start a node daemon (uploads run in the trainer).")
 @click.option("--take-over", is_flag=True, help="Take the store from another job that is gone (its lease).")
+@click.option(
+    "--transparent",
+    is_flag=True,
+    help="Snapshot the unmodified job's processes with CRIU (as root) and restore them; no hook needed.",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --transparent: seconds between images (default: the cost-vs-risk policy).",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_user_errors
-def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_over, command) -> None:
+def run_cmd(
+    store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_over, transparent, interval, command
+) -> None:
     """Run COMMAND (after --), relaunching it from its newest snapshot until it succeeds.
 
-    Exit codes: 0 done, 75 preempted (resumable), 2 a bad option, otherwise
-    the job's own code once restarts are exhausted. In a Slurm job, a
+    Exit codes: 0 done, 75 preempted or paused (resumable), 2 a bad option
+    or a job transparent mode refuses, otherwise the job's own code once
+    restarts are exhausted. In a Slurm job, a
     preempted run Slurm is not ending is requeued, and a node left without
     a healthy GPU is excluded from the requeued job.
     """
@@ -800,7 +827,14 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
         daemon=not no_daemon,
         take_over=take_over,
     )
-    summary = Supervisor(cfg).run()
+    if transparent:
+        from .process.transparent import TransparentConfig, TransparentRun
+
+        summary = TransparentRun(TransparentConfig.of(cfg, interval=interval)).run()
+    elif interval is not None:
+        raise click.UsageError("--interval applies to --transparent; a job with the hook snapshots on its policy")
+    else:
+        summary = Supervisor(cfg).run()
     console = _console(stderr=True)
     table = Table(title=f"ckptd run: {summary.outcome} in {summary.wall_s:.1f} s, {len(summary.restarts)} restarts")
     for col in ("#", "cause", "lost steps", "detect s", "restart s", "restore s", "catch-up s", "recovery s"):
@@ -823,6 +857,30 @@ def run_cmd(store, max_restarts, backoff, grace, gpus, socket, no_daemon, take_o
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a Slurm requeue signals us too; we are exiting 75 anyway
         Supervisor.requeue_if_preempted(summary)
     raise SystemExit(summary.exit_code)
+
+
+@main.command("pause")
+@click.argument("job")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds to wait for the job's image to be made durable and its run to exit.",
+)
+@_user_errors
+def pause_cmd(job: str, timeout: float) -> None:
+    """Dump a transparent job (`ckptd run --transparent`) and stop it, freeing its GPUs.
+
+    JOB is its job id (ckptd run prints it), the pid of its ckptd run, or its store. Its ckptd run exits
+    75; the same ckptd run command resumes it.
+    """
+    from .process.control import pause
+
+    record = pause(job, timeout=timeout)
+    click.echo(
+        f"paused job {record.job}; resume it with the same command: ckptd run --transparent --store {record.store} -- {' '.join(record.command)}"
+    )
 
 
 # -- policy -----------------------------------------------------------------

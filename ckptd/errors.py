@@ -2,13 +2,15 @@
 
     CkptdError
     ├── ConfigError            bad argument or combination; says which and the fix
+    │   └── TransparentRefused CRIU cannot snapshot this job here; names what is missing, or the hook
     ├── StoreError             the store (disk, S3) failed or refused
     │   ├── StoreUnreachable   endpoint, bucket or path cannot be used
     │   └── SnapshotExists     another writer already committed this step
     ├── StoreInUse             another job holds the store's lease
     ├── SnapshotError          a snapshot could not be taken or persisted
     │   ├── InsufficientMemory staging would exceed host memory or the budget
-    │   └── LeaseLost          this job's lease was taken over; it may not commit
+    │   ├── LeaseLost          this job's lease was taken over; it may not commit
+    │   └── CriuFailed         criu dump or restore failed; names its first error and its log
     ├── SnapshotCorrupt        checksums or manifest do not verify
     ├── NoSnapshot             the store holds no (such) committed snapshot
     │   └── NoGoodSnapshot     snapshots exist, and none of them verifies
@@ -42,6 +44,8 @@ __all__ = [
     "LedgerCorrupt",
     "DaemonUnavailable",
     "ProtocolError",
+    "TransparentRefused",
+    "CriuFailed",
 ]
 
 
@@ -51,6 +55,11 @@ class CkptdError(Exception):
 
 class ConfigError(CkptdError, ValueError):
     """An argument or a combination of them is invalid."""
+
+
+class TransparentRefused(ConfigError):
+    """Transparent mode cannot snapshot this job here (no CRIU >= 4, no privileges, sockets to other hosts,
+    no GPU tooling); the message names what is missing, or the hook (ckptd.Checkpointer) as the way."""
 
 
 class StoreError(CkptdError):
@@ -79,6 +88,10 @@ class StoreInUse(CkptdError):
 
 class LeaseLost(SnapshotError):
     """This job's lease was taken over; it may no longer commit to the store."""
+
+
+class CriuFailed(SnapshotError):
+    """``criu dump`` or ``criu restore`` failed; the message carries CRIU's first error line and its log."""
 
 
 class SnapshotCorrupt(CkptdError):

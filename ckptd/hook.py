@@ -10,24 +10,23 @@ background thread; errors come back at the next ``step()``, ``wait()`` or
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import threading
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as wait_futures
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from . import _job
+from ._owned import Owned
 from ._persist_client import PersistClient
-from ._restore_session import agree, choose
+from ._restore_session import Restorer
+from ._snapshot_session import SessionParts, SnapshotSession
 from .config import CheckpointerConfig
-from .errors import CkptdError, ConfigError, NoGoodSnapshot, NoSnapshot, SnapshotError
+from .errors import CkptdError, ConfigError, NoSnapshot
 from .ledger.recorders import TrainingRecorder
 from .measure import Measurements
 from .persist import retention
@@ -37,20 +36,11 @@ from .persist.uploader import UploadConfig
 from .policy import PolicyContext, SnapshotPolicy, parse_policy
 from .preempt import EXIT_PREEMPTED, PreemptionWatch
 from .progress import ProgressWriter
-from .restore.fallback import newest_readable, refetching
 from .restore.find import SnapshotInfo
-from .restore.load import Destinations, read_state
-from .restore.verify import checksums_on_load
-from .snapshot.capture import TrainingState, summarize
-from .snapshot.direct import DirectWriter
-from .snapshot.dirs import LocalCommit
-from .snapshot.failures import FailureLog, SnapshotFailedWarning
-from .snapshot.flatten import Leaf, flatten
-from .snapshot.lifecycle import SnapshotHandle, SnapshotState
-from .snapshot.manifest import Manifest, step_dir
-from .snapshot.rng import restore_rng
-from .snapshot.stage import HostPool, make_stager
-from .snapshot.write import write_snapshot
+from .snapshot.capture import TrainingState
+from .snapshot.failures import SnapshotFailedWarning
+from .snapshot.lifecycle import SnapshotHandle
+from .snapshot.manifest import step_dir
 from .store import open_store
 from .store.file import FileStore
 from .supervisor import run_history
@@ -102,22 +92,25 @@ class Checkpointer:
         self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, extra=extra, loader=loader)
         self.policy = _resolve_policy(policy)
         self._closed = True  # until every resource below exists; close() then releases what was made
-        self._hooks: list = []
-        self._opened: list = []
+        self._owned = Owned("the Checkpointer's resources")
+        self._force: str | None = None
+        self._auto_step: int | None = None
+        self._attach_mode = False
+        self._step_seen = 0
+        self._failures_told = 0
         try:
             self._open(store)
         except BaseException:
-            self._release()
+            self._owned.release()
             raise
         self._closed = False
 
     def _open(self, store: str) -> None:
-        """Acquire, in order, everything the Checkpointer owns; ``_release`` undoes it."""
+        """Acquire, in order, everything the Checkpointer owns; ``_owned.release()`` undoes it."""
         rule = retention.Retention(
             keep_last=self.config.keep_last, keep_every=self.config.keep_every, grace=self.config.incomplete_grace
         )
-        opened = open_store(store)
-        self._opened.append(opened.close)
+        opened = self._owned.keep(open_store(store), lambda s: s.close())
         is_file = isinstance(opened, FileStore)
         if is_file and self.config.local is not None:
             raise ConfigError(
@@ -128,12 +121,16 @@ class Checkpointer:
             if isinstance(opened, FileStore)
             else (self.config.local or default_local_dir(opened.uri, env_job_id()))
         )
-        self._place = _job.join(
-            opened, local, take_over=self.config.take_over, lease_ttl=self.config.lease_ttl, shared_store=is_file
+        self._place = self._owned.keep(
+            _job.join(
+                opened, local, take_over=self.config.take_over, lease_ttl=self.config.lease_ttl, shared_store=is_file
+            ),
+            lambda place: place.close(),
         )
-        self._opened.append(self._place.close)
         self._ranks, self._decide_group = self._place.ranks, self._place.decide_group
         link = _connect_daemon(store, self._ranks, local)  # the health watcher, and the uploader when remote
+        if link is not None:  # until PersistClient owns it (closing a socket twice is harmless)
+            self._owned.keep(link, lambda lk: lk.close())
         tiers = Tiers(
             opened,
             local=None if is_file else local,
@@ -143,65 +140,52 @@ class Checkpointer:
             external=link is not None and not is_file,
             upload=UploadConfig(ranks_timeout=self.config.ranks_timeout),
         )
-        self._persistence = PersistClient(tiers, link)
-        self._opened.append(lambda: self._persistence.close(wait=False))
+        self._persistence = self._owned.keep(PersistClient(tiers, link), lambda p: p.close(wait=False))
         self.tiers = tiers
         self.store: FileStore = tiers.local
         self.measure = Measurements()
-        self._pool = HostPool(
-            pin=torch.cuda.is_available(), budget=self.config.staging_budget, reserve=self.config.memory_reserve
+        parts = SessionParts(
+            state=self.state,
+            ranks=self._ranks,
+            tiers=tiers,
+            persistence=self._persistence,
+            fence=self._place.fence,
+            measure=self.measure,
         )
-        self._opened.append(self._pool.close)
-        self._stager = make_stager()
-        self._opened.append(self._stager.close)
-        self._writer = DirectWriter()
-        self._opened.append(self._writer.close)
-        self._persist = ThreadPoolExecutor(1, thread_name_prefix="ckptd-persist")
-        self._opened.append(lambda: self._persist.shutdown(wait=True))
-        self._pool_free = threading.Event()
-        self._pool_free.set()
-        self._pending_stage: Future | None = None
-        self._inflight: list[SnapshotHandle] = []
-        self._failures = FailureLog()
-        self._lock = threading.Lock()
-        self._force: str | None = None
-        self._auto_step: int | None = None
-        self._attach_mode = False
-        self._warned_backlog = False
-        self._pool_prepared = False
-        self._step_seen = 0
-        self._progress = ProgressWriter(
-            ledger=TrainingRecorder.open(
-                tiers.remote or tiers.local,
-                job=self._ranks.job,
-                rank=self._ranks.rank,
-                gpus=self.config.gpus or self._ranks.world_size,
-                policy=self.policy,
-            )
+        self._session = self._owned.keep(
+            SnapshotSession(
+                parts,
+                overlap=self.config.overlap,
+                budget=self.config.staging_budget,
+                reserve=self.config.memory_reserve,
+            ),
+            SnapshotSession.close,
         )
-        self._opened.append(self._progress.close)
+        self._restorer = Restorer(
+            state=self.state,
+            tiers=tiers,
+            ranks=self._ranks,
+            group=self._decide_group,
+            on_bad_snapshots=self.config.on_bad_snapshots,
+        )
+        recorder = TrainingRecorder.open(  # the goodput ledger's training spans, in the store
+            tiers.remote or tiers.local,
+            job=self._ranks.job,
+            rank=self._ranks.rank,
+            gpus=self.config.gpus or self._ranks.world_size,
+            policy=self.policy,
+        )
+        self._progress = self._owned.keep(ProgressWriter(ledger=recorder), ProgressWriter.close)
         self._preempt = PreemptionWatch() if self.config.handle_sigterm else None
         if self._preempt is not None:
-            self._opened.append(self._preempt.uninstall)
-        self._hooks = [opt.register_step_pre_hook(self._before_optimizer_step) for opt in self.state.optimizers]
-        self._failures_told = 0
+            self._owned.keep(self._preempt, PreemptionWatch.uninstall)
+        for opt in self.state.optimizers:
+            self._owned.keep(opt.register_step_pre_hook(self._session.before_optimizer_step), lambda h: h.remove())
         restarts, seconds = run_history()
         record_hours = getattr(self.policy, "record_hours", None)
         if seconds and callable(record_hours):
             record_hours(seconds / 3600.0)
         self._record_failures(restarts)
-
-    def _release(self) -> None:
-        """Release what ``_open`` acquired, newest first; later failures do not hide earlier ones."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        while self._opened:
-            undo = self._opened.pop()
-            try:
-                undo()
-            except Exception:
-                log.exception("ckptd: while releasing the Checkpointer's resources")
 
     # -- the training loop ------------------------------------------------
 
@@ -216,13 +200,13 @@ class Checkpointer:
         if self._preempt is not None and self._preempt.requested:
             self._exit_preempted(step, metrics)
         if not self._decide(self._wants_snapshot(step, now)):
-            self._prepare_pool()
+            self._session.prepare()
             return False
         self._force = None
         try:
             self._start(step, metrics)
         except CkptdError as e:
-            self._failures.record(step, "was not taken", e)
+            self._session.record_failure(step, "was not taken", e)
             self._report_failures()
             return False
         return True
@@ -242,22 +226,7 @@ class Checkpointer:
 
         ``timeout`` defaults to the ``close_timeout`` option; nothing waits forever.
         """
-        timeout = self.config.close_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        handles = list(self._inflight)
-        wait_futures([h.staged for h in handles], timeout=timeout)
-        futures = [h.durable for h in handles]
-        self._persistence.wait_reported(futures, self._step_seen, deadline)
-        _, pending = wait_futures(futures, timeout=max(0.0, deadline - time.monotonic()))
-        if pending:
-            late = sorted(h.step for h in handles if h.durable in pending)
-            why = "; ".join(f"step {s}: {self.tiers.detail(s)}" for s in late)
-            raise SnapshotError(
-                f"snapshots of steps {late} are not durable after {timeout:.0f} s ({why}); "
-                f"they are kept in {self.store.root}"
-            )
-        self._prune()
-        self._failures.raise_all()
+        self._session.wait(self.config.close_timeout if timeout is None else timeout, step_seen=self._step_seen)
 
     def close(self, timeout: float | None = None) -> None:
         """Wait (bounded, see ``wait``) until the last snapshot is durable, release everything, re-raise failures."""
@@ -267,7 +236,7 @@ class Checkpointer:
         try:
             self.wait(timeout)
         finally:
-            self._release()
+            self._owned.release()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -293,7 +262,7 @@ class Checkpointer:
     def stats(self) -> dict[str, Any]:
         """Staging memory, median step/stall/persist seconds, the upload backlog and the daemon in use."""
         return {
-            "pool_bytes": self._pool.nbytes,
+            "pool_bytes": self._session.nbytes,
             "backlog": self.backlog,
             "daemon": self._persistence.uses_daemon,
             **self.measure.summary(),
@@ -304,70 +273,21 @@ class Checkpointer:
     def restore(self, step: int | None = None) -> int:
         """Load the newest verified snapshot (or ``step``); return the next step to run, 0 if none."""
         self._check_open()
-        with checksums_on_load():  # each file is read once, checksummed as it is loaded
-            return self._restore(step)
-
-    def _restore(self, step: int | None) -> int:
-        into = self._destinations()
-        try:
-            manifest, state = self._read_agreed(step, into)
-        except NoGoodSnapshot as e:
-            if self.config.on_bad_snapshots != "start_over":
-                raise
-            if into.touched:
-                raise NoGoodSnapshot(
-                    f"{e}; the model and optimizer now hold part of a snapshot that failed as it "
-                    "was read into them, so they cannot start over: build them again and restore, "
-                    "or remove the bad snapshots",
-                    problems=e.problems,
-                ) from e
-            log.error("ckptd: %s; starting over from step 0 (on_bad_snapshots='start_over')", e)
-            manifest = None
+        manifest = self._restorer.restore(step)
         if manifest is None:
             if step is not None:
                 raise NoSnapshot(f"{self.store.uri} has no snapshot of step {step}")
             log.info("ckptd: no snapshot in %s; starting from step 0", self.store.uri)
             self._progress.event("restored", step=None)
             return 0
-        directory = self.store.path_of(step_dir(manifest.step))
-        rng = self.state.apply(state, rank=self._ranks.rank)
         if self._attach_mode and manifest.meta.get("attach"):
             self._catch_up_schedulers()
-        notes = restore_rng(rng or {}, reseed=manifest.step * 1000 + self._ranks.rank)
-        if rng is None:
-            notes.insert(0, f"no RNG state of rank {self._ranks.rank} in the snapshot: generators reseeded")
-        for note in notes:
-            warnings.warn(f"ckptd: {note}", stacklevel=2)
         self.measure.snapshot_started(manifest.step, time.monotonic())
         if self._auto_step is not None:
             self._auto_step = manifest.step + 1
-        log.info("ckptd: restored step %d from %s", manifest.step, directory)
+        log.info("ckptd: restored step %d from %s", manifest.step, self.store.path_of(step_dir(manifest.step)))
         self._progress.event("restored", step=manifest.step)
         return manifest.step + 1
-
-    def _read_agreed(self, step: int | None, into: Destinations) -> tuple[Manifest | None, Any]:
-        """The snapshot every rank restores and this rank's state of it (see restore/fallback.py)."""
-        return newest_readable(
-            lambda s, below: choose(self.tiers, self._ranks, self._decide_group, s, below=below),
-            refetching(self.tiers, lambda m: read_state(self.store.path_of(step_dir(m.step)), m, into=into.fit(m))),
-            step=step,
-            where=self.store.uri,
-            agree=lambda problem: agree(self._ranks, self._decide_group, problem),
-        )
-
-    def _destinations(self) -> Destinations:
-        """The model's and optimizers' own tensors, which a restore reads into in place."""
-        try:
-            leaves = flatten(self.state.capture(self._ranks.rank))
-        except CkptdError:
-            return Destinations()
-        return Destinations(
-            {
-                leaf.fqn: leaf.value
-                for leaf in leaves
-                if isinstance(leaf.value, torch.Tensor) and leaf.path[0][1] in ("model", "optimizer")
-            }
-        )
 
     def _catch_up_schedulers(self) -> None:
         # attach() snapshots inside optimizer.step(), before the loop's scheduler.step().
@@ -381,13 +301,12 @@ class Checkpointer:
     def context(self, step: int, now: float | None = None) -> PolicyContext:
         """What the policy sees now."""
         now = time.monotonic() if now is None else now
-        in_flight = sum(1 for h in self._inflight if not h.durable.done())
         return self.measure.context(
             step,
             now,
-            in_flight=in_flight,
+            in_flight=self._session.in_flight(),
             gpus=self.config.gpus or self._ranks.world_size,
-            nbytes=self._pool.nbytes or None,
+            nbytes=self._session.nbytes or None,
         )
 
     def _wants_snapshot(self, step: int, now: float) -> bool:
@@ -418,138 +337,10 @@ class Checkpointer:
     # -- the snapshot data path ---------------------------------------------
 
     def _start(self, step: int, metrics: dict[str, float]) -> SnapshotHandle:
-        t0 = time.perf_counter()
-        log.debug("ckptd: step %d: staging", step)
-        if not self._pool_free.is_set():
-            level = logging.DEBUG if self._warned_backlog else logging.WARNING
-            self._warned_backlog = True
-            log.log(
-                level,
-                "ckptd: step %d waits for the previous snapshot's write; snapshots come "
-                "faster than they persist, so lengthen the interval",
-                step,
-            )
-            self._pool_free.wait()
-        handle = SnapshotHandle(step, started=time.monotonic())
-        captured = self.state.capture(self._ranks.rank)
-        leaves = flatten(captured)
-        tensors = {leaf.fqn: leaf.value for leaf in leaves if isinstance(leaf.value, torch.Tensor)}
-        bufs = self._pool.buffers_for(tensors, step=step)
-        deferred = self.state.deferred_ptrs() if self.config.overlap else set()
-        now_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        later_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for fqn, t in tensors.items():
-            (later_pairs if t.data_ptr() in deferred else now_pairs).append((t, bufs[fqn]))
-        self._stager.copy(now_pairs, wait=True).result()
-        staged = [
-            Leaf(leaf.fqn, leaf.path, bufs[leaf.fqn] if leaf.fqn in bufs else copy.deepcopy(leaf.value))
-            for leaf in leaves
-        ]
-        self._pool_free.clear()
-        handle.staged = self._stager.copy(later_pairs, wait=False)
-        self._pending_stage = handle.staged
-        meta = {
-            "attach": self._attach_mode,
-            "pool_bytes": self._pool.nbytes,
-            "pid": os.getpid(),
-            "policy": _policy_note(self.policy),
-            "groups": summarize(captured),
-        }
-        handle.stall = time.perf_counter() - t0
-        with self._lock:
-            self._inflight.append(handle)
-        self._persist.submit(self._write, handle, staged, dict(metrics), meta)
-        self.measure.snapshot_started(step, time.monotonic())
-        self._progress.snapshot(step, handle, self._pool.nbytes)
+        meta = {"attach": self._attach_mode, "policy": _policy_note(self.policy)}
+        handle = self._session.start(step, metrics, meta)
+        self._progress.snapshot(step, handle, self._session.nbytes)
         return handle
-
-    def _prepare_pool(self) -> None:
-        """Lay out the staging pool in the background once, after the optimizer has its state."""
-        if self._pool_prepared or not self._pool_free.is_set() or any(not o.state for o in self.state.optimizers):
-            return
-        self._pool_prepared = True
-        try:
-            leaves = flatten(self.state.capture(self._ranks.rank))
-        except CkptdError:
-            return  # the snapshot itself reports what is wrong with the state
-        self._pool.prepare({leaf.fqn: leaf.value for leaf in leaves if isinstance(leaf.value, torch.Tensor)})
-
-    def _write(self, handle: SnapshotHandle, leaves: list[Leaf], metrics: dict, meta: dict) -> None:
-        try:
-            handle.staged.result()
-            handle.advance(SnapshotState.STAGED)
-            log.debug("ckptd: step %d: staged, writing", handle.step)
-            if not self.tiers.make_room(int(self._pool.nbytes * 1.1)):
-                raise SnapshotError(
-                    f"local tier {self.store.root} is full and holds nothing durable to drop; "
-                    "snapshot skipped: free space there or point local= at a larger disk"
-                )
-            meta["stall_s"] = handle.stall
-            done = write_snapshot(
-                self.store,
-                handle.step,
-                leaves,
-                self._ranks,
-                metrics=metrics,
-                meta=meta,
-                fence=self._place.fence,
-                image=self._pool.image,
-                writer=self._writer,
-            )
-            handle.advance(SnapshotState.WRITTEN)
-            handle.advance(SnapshotState.COMMITTED)
-        except BaseException as e:
-            self._fail(handle, "failed", e)
-            return
-        finally:  # after a failure is recorded, so the next snapshot's step() sees it
-            self._pool_free.set()
-        log.debug("ckptd: step %d: committed", handle.step)
-        self.measure.stall(handle.stall)
-        durable = self._persistence.committed(done)
-        self._retain(self.tiers.retain_local, handle.step)
-        durable.add_done_callback(lambda fut: self._durable(handle, done, fut))
-
-    def _durable(self, handle: SnapshotHandle, done: LocalCommit, fut: Future) -> None:
-        error = fut.exception()
-        if error is not None:
-            self._fail(handle, "was committed locally but not in the object store", error)
-            return
-        handle.advance(SnapshotState.DURABLE)
-        log.debug("ckptd: step %d: durable", handle.step)
-        self.tiers.release(done)
-        self._retain(self.tiers.retain_remote, handle.step)
-        self.measure.persist(time.monotonic() - handle.started)
-        m = done.manifest
-        where = self.store if self.tiers.remote is None else self.tiers.remote
-        tiers = ("local",) if self.tiers.remote is None else (("local", "s3") if done.whole else ("s3",))
-        handle.durable.set_result(
-            SnapshotInfo(
-                m.step, m.created_at, m.nbytes, True, tiers, f"{where.uri}/{step_dir(m.step)}", m.world_size, m.metrics
-            )
-        )
-
-    def _fail(self, handle: SnapshotHandle, what: str, e: BaseException) -> None:
-        handle.advance(SnapshotState.FAILED)
-        handle.durable.set_exception(self._failures.record(handle.step, what, e))
-
-    def _retain(self, apply, step: int) -> None:
-        try:
-            apply(step)
-        except (OSError, CkptdError) as e:
-            log.warning("ckptd: retention after step %d failed: %s", step, e)
-
-    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
-        fut = self._pending_stage
-        if fut is None:
-            return
-        if not fut.done():
-            t0 = time.perf_counter()
-            wait_futures([fut])
-            waited = time.perf_counter() - t0
-            for h in self._inflight:
-                if h.staged is fut:
-                    h.stall += waited
-        self._pending_stage = None
 
     # -- the node daemon ------------------------------------------------------
 
@@ -575,14 +366,7 @@ class Checkpointer:
     # -- errors -------------------------------------------------------------
 
     def _report_failures(self) -> None:
-        self._prune()
-        if self._failures and self.config.on_error == "raise":
-            self._failures.raise_all()
-        self._failures.warn_new()
-
-    def _prune(self) -> None:
-        with self._lock:
-            self._inflight = [h for h in self._inflight if not h.durable.done()]
+        self._session.report(raise_errors=self.config.on_error == "raise")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -599,7 +383,7 @@ class Checkpointer:
             self._auto_step = step + 1
             self.step(step)
 
-        self._hooks.append(optimizer.register_step_post_hook(after_step))
+        self._owned.keep(optimizer.register_step_post_hook(after_step), lambda h: h.remove())
 
 
 def attach(model: Any, optimizer: torch.optim.Optimizer, *, store: str | None = None, **kw: Any) -> Checkpointer:

@@ -118,10 +118,9 @@ def main(argv=None) -> int:
         policy=None if args.policy == "adaptive" else args.policy,
     )
     start = ckpt.restore()
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES")  # ckptd run keeps a bad GPU out of it
     print(
-        f"starting at step {start} (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')})",
-        file=sys.stderr,
-        flush=True,
+        f"starting at step {start}" + (f" (CUDA_VISIBLE_DEVICES={gpus})" if gpus else ""), file=sys.stderr, flush=True
     )
     log = open(args.loss_log, "a") if args.loss_log else None
     state = {"loader": loader, "it": iter(loader)}

@@ -9,11 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from test_snapshot import run
 
 STEP3 = "step-000000000003"
@@ -158,3 +160,71 @@ def test_a_snapshot_that_verifies_but_cannot_be_read_is_skipped_too(tmp_path):
     assert (start, loaded) == ("2", "1") and f"skipping {STEP3}" in warned and "outside its record" in warned, (
         res.stdout
     )
+
+
+def _torchsnapshot(path: str) -> dict:
+    import torchsnapshot
+
+    model = torch.nn.Linear(30, 30)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 30)).sum().backward()
+    opt.step()
+    torchsnapshot.Snapshot.take(path, app_state={"model": model, "optim": opt})
+    with open(os.path.join(path, ".snapshot_metadata")) as f:
+        text = f.read()
+    return json.loads(text) if text.lstrip().startswith("{") else __import__("yaml").safe_load(text)
+
+
+def _weight(meta: dict) -> dict:
+    return meta["manifest"]["0/model/weight"]
+
+
+TORCHSNAPSHOT_DAMAGE = {
+    "absurd shape": (lambda m, d: _weight(m).update(shape=[10**8, 10**8]), "more than any snapshot holds"),
+    "byte range past the file": (
+        lambda m, d: _weight(m).update(byte_range=[10**6, 10**6 + 3600]),
+        "holds .* bytes, the manifest reads up to",
+    ),
+    "range shorter than the shape": (lambda m, d: _weight(m).update(byte_range=[0, 8]), "shape needs 3600"),
+    "location outside the snapshot": (lambda m, d: _weight(m).update(location="../../etc/passwd"), r"\.\."),
+    "unknown dtype": (lambda m, d: _weight(m).update(dtype="torch.float128"), "float128"),
+    "a container naming no entry": (lambda m, d: m["manifest"]["0/model"]["keys"].append("ghost"), "ghost"),
+    "a FIFO for the data file": (
+        lambda m, d: [os.remove(p) or os.mkfifo(p) for p in [os.path.join(d, _weight(m)["location"])]],
+        "a FIFO, not a regular file",
+    ),
+    "not a manifest": (lambda m, d: m.update(manifest=[1, 2]), "not a torchsnapshot manifest"),
+    "nested 5,000 deep": (lambda m, d: _nest(m, 5000), "nested more than"),
+}
+
+
+def _nest(meta: dict, depth: int) -> None:
+    key = "0/model"
+    for _ in range(depth):
+        meta["manifest"][key] = {"type": "dict", "keys": ["x"]}
+        key += "/x"
+    meta["manifest"][key] = {"type": "int", "serialized_value": "1"}
+
+
+@pytest.mark.parametrize("damage", list(TORCHSNAPSHOT_DAMAGE))
+def test_a_hostile_torchsnapshot_is_refused_in_one_line(tmp_path, damage):
+    """inspect, export and convert of a damaged torchsnapshot: exit 1 with one line naming it, never a
+    traceback, a hang, a huge allocation or a file outside the snapshot."""
+    src = str(tmp_path / "ts")
+    meta = _torchsnapshot(src)
+    change, says = TORCHSNAPSHOT_DAMAGE[damage]
+    change(meta, src)
+    with open(os.path.join(src, ".snapshot_metadata"), "w") as f:
+        json.dump(meta, f)
+    runs = {
+        "export": ["export", src, "-o", str(tmp_path / "out.pt")],
+        "convert": ["convert", src, str(tmp_path / "converted")],
+    }
+    if damage in ("absurd shape", "unknown dtype", "not a manifest", "a container naming no entry"):
+        runs["inspect"] = ["inspect", src]
+    for name, args in runs.items():
+        res = subprocess.run([sys.executable, "-m", "ckptd.cli", *args], capture_output=True, text=True, timeout=60)
+        assert res.returncode == 1, (name, res.stdout, res.stderr)
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, (name, res.stderr)
+        assert re.search(says, res.stderr), (name, res.stderr)
+    assert not os.path.exists(tmp_path / "out.pt") and not os.path.exists(tmp_path / "converted" / "step-000000000000")

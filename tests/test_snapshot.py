@@ -380,3 +380,39 @@ def test_a_repeated_failure_is_reported_once_and_then_summarized(tmp_path, caplo
     assert not [r for r in caplog.records if r.levelname == "ERROR" and "not taken" in r.getMessage()]
     with pytest.raises(SnapshotError, match="30 snapshots failed"):
         ck.close()
+
+
+def _threads_and_fds() -> tuple[set[str], int]:
+    return {t.name for t in __import__("threading").enumerate()}, len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("rejected", ["local= on a file store", "a store another job holds"])
+def test_a_rejected_constructor_leaves_no_thread_fd_or_hook_behind(tmp_path, monkeypatch, rejected):
+    """Whatever the constructor had opened before it refused is released: threads, files, optimizer hooks."""
+    model, opt, sched, counter = make()
+    store = str(tmp_path / "s")
+    holder = None
+    if rejected == "a store another job holds":
+        other = make(seed=1)
+        monkeypatch.setenv("CKPTD_JOB", "first-job")
+        holder = ckptd.Checkpointer(store, model=other[0], optimizer=other[1])
+        monkeypatch.setenv("CKPTD_JOB", "second-job")
+
+    def refused() -> str:
+        with pytest.raises(ckptd.CkptdError) as err:
+            ckptd.Checkpointer(
+                store, model=model, optimizer=opt, **({"local": str(tmp_path / "l")} if holder is None else {})
+            )
+        return str(err.value)
+
+    message = refused()  # the first may import what opens a file once (/dev/urandom)
+    assert "\n" not in message and ("drop local=" in message or "first-job" in message), message
+    threads, fds = _threads_and_fds()
+    for _ in range(3):
+        refused()
+    time.sleep(0.2)  # a thread that was told to stop has had time to
+    after_threads, after_fds = _threads_and_fds()
+    assert after_threads <= threads and after_fds <= fds, (after_threads - threads, after_fds, fds)
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+    if holder is not None:
+        holder.close()

@@ -26,9 +26,13 @@ def test_snapshots_become_durable_in_s3(bucket, tmp_path):
             ck.step(s)
         ck.wait()
         infos = ck.snapshots()
+        handle = ck.save(6)
+        ck.wait()
     assert [(i.step, i.tiers) for i in infos] == [(1, ("local", "s3")), (3, ("local", "s3")), (5, ("local", "s3"))]
+    durable = handle.durable.result()  # a durable snapshot is named where it is durable, not in the local tier
+    assert durable.uri == f"{uri}/step-000000000006" and "s3" in durable.tiers, durable
     remote = ckptd.list_snapshots(uri)
-    assert [i.step for i in remote] == [1, 3, 5] and all(i.committed and i.tiers == ("s3",) for i in remote)
+    assert [i.step for i in remote] == [3, 5, 6] and all(i.committed and i.tiers == ("s3",) for i in remote)
 
 
 def test_fresh_node_resumes_from_s3_bitwise(s3env, tmp_path):

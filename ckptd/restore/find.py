@@ -27,6 +27,8 @@ class SnapshotInfo:
     """committed, incomplete (parts or manifest missing) or corrupt (a manifest that does not parse)."""
     detail: str = ""
     """For an incomplete or corrupt snapshot: what is missing or wrong."""
+    kind: str = "tensor"
+    """``tensor`` (the hook's) or ``process`` (a CRIU image of ``ckptd run --transparent``)."""
 
     def __post_init__(self) -> None:
         if not self.state:
@@ -81,7 +83,9 @@ def list_snapshots(store: Store | str, *, tier: str | None = None) -> list[Snaps
         uri = f"{store.uri}/{key}"
         try:
             m = read_manifest(store, step)
-            out.append(SnapshotInfo(step, m.created_at, m.nbytes, True, (tier,), uri, m.world_size, m.metrics))
+            out.append(
+                SnapshotInfo(step, m.created_at, m.nbytes, True, (tier,), uri, m.world_size, m.metrics, kind=m.kind)
+            )
             continue
         except NoSnapshot:
             state, detail = "incomplete", ""

@@ -27,7 +27,7 @@ import torch
 from ..errors import SnapshotCorrupt, UnsafeSnapshot
 from ..snapshot.flatten import unflatten
 from ..snapshot.image import read_header, tensor_dtype
-from ..snapshot.manifest import FileEntry, Item, Manifest
+from ..snapshot.manifest import FileEntry, Item, Manifest, require_kind
 from .read import Piece, read_pieces
 
 
@@ -83,6 +83,7 @@ def read_state(
     into: Destinations | None = None,
 ) -> dict[str, Any]:
     """The nested state saved in ``directory`` (tensors on CPU), for the selected items."""
+    require_kind(manifest, "tensor", source=directory)
     values: dict[str, Any] = {}
     paths: dict[str, Any] = {}
     by_file: dict[str, list[Item]] = {}
@@ -214,32 +215,62 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _load(raw: bytes, item: Item) -> Any:
+    return load_value(raw, f"{item.fqn} in {item.file}")
+
+
+def load_value(raw: bytes, what: str) -> Any:
+    """One ``torch.save`` record: tensors and plain values only (weights_only); anything else is refused.
+
+    The one place ckptd unpickles store bytes, for its own snapshots and for the formats it converts.
+    """
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeSnapshot(
-            f"{item.fqn} holds something other than tensors and plain values; ckptd refuses to "
+            f"{what} holds something other than tensors and plain values; ckptd refuses to "
             f"unpickle it ({str(e).splitlines()[0]})"
         ) from e
     except Exception as e:
-        raise SnapshotCorrupt(f"{item.fqn} in {item.file} cannot be read: {e}") from e
+        raise SnapshotCorrupt(f"{what} cannot be read: {e}") from e
 
 
 def _place(full: torch.Tensor | None, chunk: Any, item: Item) -> torch.Tensor:
     """Put one chunk of a tensor into the whole; a single chunk is the whole."""
+    return place_chunk(
+        full,
+        chunk,
+        shape=item.shape,
+        offsets=item.chunk_offsets,
+        sizes=item.chunk_sizes,
+        dtype=tensor_dtype(item.dtype),
+        what=item.fqn,
+    )
+
+
+def place_chunk(
+    full: torch.Tensor | None,
+    chunk: Any,
+    *,
+    shape: tuple[int, ...],
+    offsets: tuple[int, ...],
+    sizes: tuple[int, ...],
+    dtype: torch.dtype,
+    what: str,
+) -> torch.Tensor:
+    """Put ``chunk`` at ``offsets`` of the whole tensor ``full`` (made on first use); a chunk the size of the
+    whole is the whole. The chunk must have the shape and dtype the manifest declares."""
     if not isinstance(chunk, torch.Tensor):
-        raise SnapshotCorrupt(f"{item.fqn}: expected a tensor, found {type(chunk).__name__}")
-    dtype = tensor_dtype(item.dtype)
-    if tuple(chunk.shape) != item.chunk_sizes or chunk.dtype != dtype:
+        raise SnapshotCorrupt(f"{what}: expected a tensor, found {type(chunk).__name__}")
+    if tuple(chunk.shape) != tuple(sizes) or chunk.dtype != dtype:
         raise SnapshotCorrupt(
-            f"{item.fqn}: stored chunk is {tuple(chunk.shape)} {chunk.dtype}, manifest says {item.chunk_sizes} {dtype}"
+            f"{what}: stored chunk is {tuple(chunk.shape)} {chunk.dtype}, manifest says {sizes} {dtype}"
         )
-    if item.chunk_sizes == item.shape:
+    if tuple(sizes) == tuple(shape):
         return chunk
     if full is None:
-        full = torch.empty(item.shape, dtype=dtype)
+        full = torch.empty(shape, dtype=dtype)
     view = full
-    for dim, (off, size) in enumerate(zip(item.chunk_offsets, item.chunk_sizes)):
+    for dim, (off, size) in enumerate(zip(offsets, sizes)):
         view = view.narrow(dim, off, size)
     view.copy_(chunk)
     return full

@@ -93,8 +93,8 @@ class DirectWriter:
                 pass
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SnapshotError(
-                    f"no space left on the device of {os.path.dirname(path)} for "
-                    f"{os.path.basename(path)} ({size} bytes): the local tier is full; free "
+                    f"no space left on the device of {os.path.dirname(path)} for {os.path.basename(path)} "
+                    f"(needs {_mib(size)}, {_mib(_free(path))} free): the local tier is full; free "
                     "space there or point local= at a larger disk"
                 ) from e
             raise SnapshotError(f"cannot write {path}: {e.strerror or e}") from e
@@ -185,3 +185,15 @@ class DirectWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _free(path: str) -> int:
+    try:
+        st = os.statvfs(os.path.dirname(path))
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB"

@@ -63,6 +63,11 @@ def _walk(path: Path, value: Any, out: list[Leaf]) -> None:
         out.append(Leaf(_fqn(path), path, value))
 
 
+def is_empty(value: Any) -> bool:
+    """An empty container: DCP cannot hold one, so the manifest records it itself."""
+    return isinstance(value, (dict, list, tuple)) and len(value) == 0
+
+
 def _holds_tensor(value: Any) -> bool:
     if isinstance(value, torch.Tensor):
         return True

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import SnapshotCorrupt, UnsafeSnapshot
+from ..errors import IncompatibleSnapshot, SnapshotCorrupt, UnsafeSnapshot
 from ..store.keys import check_key
 
 FORMAT = "ckptd/1"
@@ -49,6 +49,8 @@ ITEMSIZE = {
 _STEP_DIR = re.compile(r"^step-(\d{12})$")
 _ATTEMPT = re.compile(r"^[0-9a-f]{8,32}$")
 _PATH_KINDS = ("d", "l", "t")
+KINDS = ("tensor", "process")
+"""What a snapshot holds: the hook's tensors (the default, unnamed in the manifest) or a CRIU process image."""
 
 
 def step_dir(step: int) -> str:
@@ -139,6 +141,9 @@ class Manifest:
     """The write attempt that made it; in an object store its files live under ``a-<attempt>/``."""
     job: str = ""
     """The job that wrote it (the lease holder's job id)."""
+    kind: str = "tensor"
+    """``tensor`` (the hook's) or ``process`` (a CRIU image of ``ckptd run --transparent``); written only
+    when not ``tensor``, so a tensor snapshot's manifest is what it always was."""
 
     @property
     def nbytes(self) -> int:
@@ -160,6 +165,8 @@ class Manifest:
 
     def to_json(self) -> bytes:
         body = asdict(self)
+        if body["kind"] == "tensor":
+            del body["kind"]
         return json.dumps({**body, "digest": _digest(body)}, separators=(",", ":"), allow_nan=False).encode()
 
     @staticmethod
@@ -179,6 +186,21 @@ class Manifest:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise SnapshotCorrupt(f"{source} is not a valid ckptd manifest: {e}") from e
+
+
+def require_kind(manifest: Manifest, kind: str, *, source: str) -> Manifest:
+    """``manifest`` if it holds a snapshot of ``kind``, else IncompatibleSnapshot saying which tool reads it."""
+    if manifest.kind == kind:
+        return manifest
+    if manifest.kind == "process":
+        raise IncompatibleSnapshot(
+            f"{source} is a process image of `ckptd run --transparent`, not a tensor snapshot: resume it with "
+            "that same command, or give the hook a store of its own"
+        )
+    raise IncompatibleSnapshot(
+        f"{source} is a tensor snapshot of the hook (ckptd.Checkpointer), not a process image: run that job "
+        "under plain `ckptd run`, or give --transparent a store of its own"
+    )
 
 
 def _digest(body: dict) -> str:
@@ -209,7 +231,12 @@ def _parse(raw: dict, source: str) -> Manifest:
         meta=dict(raw.get("meta", {})),
         attempt=check_attempt(raw["attempt"]) if raw.get("attempt", "") != "" else "",
         job=_short_str(raw.get("job", ""), "job"),
+        kind=raw.get("kind", "tensor"),
     )
+    if m.kind not in KINDS:
+        raise ValueError(f"kind {m.kind!r}, expected one of {KINDS}; upgrade ckptd")
+    if m.kind == "process" and items:
+        raise ValueError("a process image lists no items")
     if any(f.rank >= m.world_size for f in files):
         raise ValueError(f"a file names a rank >= world_size {m.world_size}")
     for item in items:

@@ -201,16 +201,16 @@ class HostPool:
         which = "the first snapshot" if step is None else f"snapshot of step {step}"
         if self.budget is not None and total > self.budget:
             raise InsufficientMemory(
-                f"{which} needs {total / _GiB:.2f} GiB of staging memory, over the "
-                f"staging_budget of {self.budget / _GiB:.2f} GiB; raise staging_budget or save less state"
+                f"{which} needs {_size(total)} of staging memory, over the "
+                f"staging_budget of {_size(self.budget)}; raise staging_budget or save less state"
             )
         if not grow:
             return
         avail = psutil.virtual_memory().available + (self.image.size if self.image is not None else 0)
         if grow > avail - self.reserve:
             raise InsufficientMemory(
-                f"{which} needs {grow / _GiB:.2f} GiB more host memory for staging, "
-                f"but only {avail / _GiB:.2f} GiB is available (keeping {self.reserve / _GiB:.1f} GiB "
+                f"{which} needs {_size(grow)} more host memory for staging, "
+                f"but only {_size(avail)} is available (keeping {_size(self.reserve)} "
                 "free); free host memory or give the job a larger node"
             )
 
@@ -223,6 +223,13 @@ class HostPool:
             self.image.close()
             self.image = None
         self._bufs = {}
+
+
+def _size(n: int) -> str:
+    """Bytes in the unit that reads best: 4.0 KiB, 12.5 MiB, 1.50 GiB."""
+    if n >= _GiB:
+        return f"{n / _GiB:.2f} GiB"
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n / 1024:.1f} KiB"
 
 
 def _fits(buf: torch.Tensor, like: torch.Tensor) -> bool:

@@ -18,7 +18,7 @@ import socket
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,11 +32,11 @@ from ..store.checksum import DEFAULT_ALGO, file_checksum
 from ..store.file import FileStore, fsync_dir, rename_noreplace
 from .direct import DirectWriter
 from .dirs import LocalCommit, attempt_dir, partial_dir
-from .flatten import Leaf
+from .flatten import Leaf, is_empty
 from .manifest import MANIFEST, FileEntry, Item, Manifest, step_dir, utc_now
 from .parts import PartRecord, part_name
 from .stage import FileImage
-from .write_image import fits_image, write_image
+from .write_image import fits_image, write_image, write_metadata
 
 log = logging.getLogger("ckptd")
 warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
@@ -85,10 +85,11 @@ def _gather(ranks: Ranks, value: Any, error: BaseException | None, what: str) ->
     return [v for v, _n in gathered]
 
 
-def _attempt(store: FileStore, step: int, ranks: Ranks) -> str:
-    """Rank 0 draws the attempt id and refuses a step already committed here; all ranks agree."""
-    attempt, error = None, None
-    if ranks.rank == 0:
+def _attempt(store: FileStore, step: int, ranks: Ranks, failed: BaseException | None = None) -> str:
+    """Rank 0 draws the attempt id and refuses a step already committed here; all ranks agree. A rank that
+    ``failed`` to stage fails the attempt on every rank here, at its first collective."""
+    attempt, error = None, failed
+    if ranks.rank == 0 and failed is None:
         attempt = uuid.uuid4().hex[:16]
         if ranks.whole and store.exists(f"{step_dir(step)}/{MANIFEST}"):
             error = SnapshotExists(f"{store.uri}/{step_dir(step)} is already committed; a step is saved once")
@@ -104,9 +105,9 @@ def _in_each(ranks: Ranks, what: str, fn: Callable[[], Any]) -> list:
     return _gather(ranks, value, error, what)
 
 
-def write_dcp(directory: str, leaves: Sequence[Leaf], ranks: Ranks) -> list[Item]:
-    """Save ``leaves`` with DCP into ``directory``; return the item index."""
-    flat = {leaf.fqn: leaf.value for leaf in leaves if not _is_empty(leaf.value)}
+def write_dcp(directory: str, leaves: Sequence[Leaf], ranks: Ranks, order: Sequence[str] = ()) -> list[Item]:
+    """Save ``leaves`` with DCP into ``directory``; return the item index, in ``order`` of the state."""
+    flat = {leaf.fqn: leaf.value for leaf in leaves if not is_empty(leaf.value)}
     md = dcp.save(
         flat,
         storage_writer=FileSystemWriter(directory, sync_files=True, thread_count=1),
@@ -115,7 +116,7 @@ def write_dcp(directory: str, leaves: Sequence[Leaf], ranks: Ranks) -> list[Item
         no_dist=not ranks.distributed,
     )
     paths = {leaf.fqn: leaf.path for leaf in leaves}
-    empties = [_empty_item(leaf) for leaf in leaves if _is_empty(leaf.value)]
+    empties = [_empty_item(leaf) for leaf in leaves if is_empty(leaf.value)]
     if ranks.distributed:  # other ranks' own keys (rng, extra) need their paths too
         gathered: list = [None] * ranks.world_size
         dist.all_gather_object(gathered, (paths, empties), group=ranks.group)
@@ -124,12 +125,43 @@ def write_dcp(directory: str, leaves: Sequence[Leaf], ranks: Ranks) -> list[Item
     items = list(empties)
     for index, info in md.storage_data.items():
         items.append(_item(index, info, md.state_dict_metadata[index.fqn], paths[index.fqn]))
-    order = {fqn: n for n, fqn in enumerate(paths)}  # the state's own order, so restore keeps it
+    return _in_order(items, _state_order(ranks, order, paths))
+
+
+def _state_order(ranks: Ranks, order: Sequence[str], known: Iterable[str]) -> dict[str, int]:
+    """Each name's place in the state, every rank's names included (rank 0's first), so restore keeps it."""
+    names = list(order) or list(known)
+    if ranks.distributed:
+        gathered: list = [None] * ranks.world_size
+        dist.all_gather_object(gathered, names, group=ranks.group)
+        names = [n for part in gathered for n in part]
+    return {fqn: n for n, fqn in enumerate(dict.fromkeys([*names, *known]))}
+
+
+def _in_order(items: Iterable[Item], order: dict[str, int]) -> list[Item]:
     return sorted(items, key=lambda i: (order[i.fqn], i.chunk_offsets))
 
 
-def _is_empty(value: Any) -> bool:
-    return isinstance(value, (dict, list, tuple)) and len(value) == 0
+def write_images(
+    directory: str, leaves: Sequence[Leaf], ranks: Ranks, image: FileImage, writer: DirectWriter, order: Sequence[str]
+) -> tuple[list[Item], list[FileEntry], str]:
+    """Every rank writes its data file from its image (O_DIRECT, checksummed as it goes), then rank 0 writes
+    DCP's ``.metadata`` for all of them: the layout ``dcp.save`` would have made, without the page cache."""
+    done = _in_each(
+        ranks,
+        "writing its data file",
+        lambda: write_image(directory, leaves, image, writer, rank=ranks.rank, algo=DEFAULT_ALGO),
+    )
+    empties = {i.fqn: i for d in done for i in d.items if i.kind == "empty"}  # every rank has its own
+    kept = [i for d in done for i in d.items if i.kind != "empty"] + list(empties.values())
+    items = _in_order(kept, _state_order(ranks, order, (i.fqn for i in kept)))
+    metadata = _in_each(
+        ranks,
+        "writing .metadata",
+        lambda: write_metadata(directory, items, rank=0, algo=DEFAULT_ALGO) if ranks.rank == 0 else None,
+    )[0]
+    ios = {d.io for d in done}
+    return items, [metadata, *(f for d in done for f in d.files)], "buffered" if "buffered" in ios else ios.pop()
 
 
 def _empty_item(leaf: Leaf) -> Item:
@@ -237,6 +269,12 @@ def _finish(
     return final
 
 
+def fail_everywhere(store: FileStore, step: int, ranks: Ranks, failed: BaseException) -> None:
+    """This rank could not stage ``step``, which the other ranks are writing: tell them at the attempt's first
+    collective, so each fails it at once instead of waiting for this rank until the group's timeout."""
+    _attempt(store, step, ranks, failed)
+
+
 def write_snapshot(
     store: FileStore,
     step: int,
@@ -248,28 +286,40 @@ def write_snapshot(
     fence: Callable[[], None] | None = None,
     image: FileImage | None = None,
     writer: DirectWriter | None = None,
+    order: Sequence[str] = (),
+    share: str = "",
+    failed: BaseException | None = None,
 ) -> LocalCommit:
     """Write, checksum and commit one snapshot into a local store; every rank calls it.
 
     The attempt is written in its own directory, a part record per rank
     beside the files, then the node leader renames it into place. Only this
     attempt's own directory is ever removed on failure. ``fence`` raises if
-    this writer may no longer commit (a lost lease). A single rank whose
-    tensors were staged into ``image`` writes it with ``writer`` (O_DIRECT,
-    checksummed in the same pass); otherwise DCP writes and the files are
-    checksummed after.
+    this writer may no longer commit (a lost lease). When every rank's
+    tensors were staged into its ``image`` (each rank its own share, see
+    ``assign.py``), each writes it with ``writer`` (O_DIRECT, checksummed in
+    the same pass); otherwise DCP writes and the files are checksummed after.
+    ``order`` names the whole state's values in order (a rank may write only
+    its share of them), so a restore rebuilds containers in their order.
+    ``share`` is the attempt whose assignment ``leaves`` are this rank's share
+    of (empty: they are all of its state); several ranks write their images
+    only when every one holds its share of the same assignment. A rank that
+    ``failed`` before writing still calls this, and every rank raises it.
     """
     t0 = time.monotonic()
-    attempt = _attempt(store, step, ranks)
+    order = order or [leaf.fqn for leaf in leaves]
+    attempt = _attempt(store, step, ranks, failed)
     directory = store.path_of(attempt_dir(step, attempt))
     committed = False
     try:
         _in_each(ranks, "creating its attempt directory", lambda: os.makedirs(directory, exist_ok=True))
-        if writer is not None and image is not None and not ranks.distributed and fits_image(leaves, image):
-            done = write_image(directory, leaves, image, writer, rank=ranks.rank, algo=DEFAULT_ALGO)
-            items, files, io = done.items, done.files, done.io
+        staged = writer is not None and image is not None and fits_image(leaves, image)
+        shares = _in_each(ranks, "checking its file image", lambda: share if staged else None)
+        if shares[0] is not None and len(set(shares)) == 1 and (share or not ranks.distributed):
+            assert image is not None and writer is not None
+            items, files, io = write_images(directory, leaves, ranks, image, writer, order)
         else:
-            items = write_dcp(directory, leaves, ranks)
+            items = write_dcp(directory, leaves, ranks, order)
             files, io = checksum_files(directory, ranks), "dcp"
         meta = {**meta, "write_s": time.monotonic() - t0, "io": io}
         manifest, data = _agree_manifest(step, files, items, ranks, attempt, metrics=metrics, meta=meta)

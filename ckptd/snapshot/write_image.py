@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from ..store.checksum import Checksum
 from .direct import DirectWriter, Segment
-from .flatten import Leaf
+from .flatten import Leaf, is_empty
 from .image import ALIGN, Layout, Placed, align_up, object_record
 from .manifest import FileEntry, Item
 from .stage import FileImage
@@ -103,10 +103,13 @@ class ImageWrite:
 def write_image(
     directory: str, leaves: Sequence[Leaf], image: FileImage, writer: DirectWriter, *, rank: int, algo: str
 ) -> ImageWrite:
-    """Write the data file and ``.metadata`` of a single-rank snapshot into ``directory``."""
+    """Write the data file of ``rank`` into ``directory`` from its image: its items and its file's entry.
+
+    A single-rank snapshot then needs ``write_metadata`` of those items; several ranks gather theirs first.
+    """
     name = data_file(rank)
     layout = image.layout
-    objects = [leaf for leaf in leaves if not isinstance(leaf.value, torch.Tensor) and not _is_empty(leaf.value)]
+    objects = [leaf for leaf in leaves if not isinstance(leaf.value, torch.Tensor) and not is_empty(leaf.value)]
     records = [object_record(leaf.value) for leaf in objects]
     tail, placed_objects = _tail(records, layout.size)
     size = layout.size + sum(len(r) for r in records) if records else _tensor_end(layout)
@@ -123,15 +126,16 @@ def write_image(
         if tail is not None:
             tail.close()
     items = _items(leaves, layout, objects, placed_objects, name)
+    return ImageWrite(items, [FileEntry(name, written.size, written.checksum, rank)], written.io)
+
+
+def write_metadata(directory: str, items: Sequence[Item], *, rank: int, algo: str) -> FileEntry:
+    """DCP's ``.metadata`` for every rank's ``items``, written and checksummed by ``rank`` (rank 0, as DCP)."""
     md = pickle.dumps(_dcp_metadata(items), protocol=pickle.HIGHEST_PROTOCOL)
     _write_synced(os.path.join(directory, DCP_METADATA), md)
     cs = Checksum(algo)
     cs.update(md)
-    files = [
-        FileEntry(DCP_METADATA, len(md), cs.hexdigest(), rank),
-        FileEntry(name, written.size, written.checksum, rank),
-    ]
-    return ImageWrite(items, files, written.io)
+    return FileEntry(DCP_METADATA, len(md), cs.hexdigest(), rank)
 
 
 def _tensor_end(layout: Layout) -> int:
@@ -185,7 +189,7 @@ def _items(
     return items
 
 
-def _dcp_metadata(items: list[Item]) -> Metadata:
+def _dcp_metadata(items: Sequence[Item]) -> Metadata:
     """DCP's ``.metadata`` for these items, as ``dcp.save`` with ``flatten_state_dict=False`` writes it."""
     sd_meta: dict[str, Any] = {}
     storage: dict[MetadataIndex, _StorageInfo] = {}
@@ -212,10 +216,6 @@ def _dcp_metadata(items: list[Item]) -> Metadata:
         storage_meta=StorageMeta(save_id=str(uuid.uuid4())),
         version="1.0.0",
     )
-
-
-def _is_empty(value: Any) -> bool:
-    return isinstance(value, (dict, list, tuple)) and len(value) == 0
 
 
 def _write_synced(path: str, data: bytes) -> None:

@@ -56,6 +56,7 @@ def describe(store: Store, step: int | None = None) -> dict[str, Any]:
         "world_size": m.world_size,
         "host": m.host,
         "format": m.format,
+        "kind": m.kind,
         "checksum": m.checksum,
         "nbytes": m.nbytes,
         "metrics": m.metrics,

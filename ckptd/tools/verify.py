@@ -17,6 +17,10 @@ def verify_snapshot(store: Store, step: int) -> list[str]:
     """Problems with one snapshot, one line each; empty when it verifies."""
     try:
         manifest = read_manifest(store, step)
+        if manifest.kind == "process":  # the gate restore passes too
+            from ..process.image import ProcessMeta
+
+            ProcessMeta.of(manifest, source=f"{store.uri}/{step_dir(step)}")
     except SnapshotCorrupt as e:
         return [f"ckptd.json: {e}"]
     if isinstance(store, FileStore):
