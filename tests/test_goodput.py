@@ -239,6 +239,33 @@ def test_nvml_energy_reads_the_counter_or_the_power_limit_where_it_is_not_suppor
     older.close()
 
 
+def test_the_daemons_watch_meters_every_rank_gpus_and_records_hangs_and_stops(tmp_path):
+    from types import SimpleNamespace
+
+    from ckptd.ledger.watch import LedgerWatch
+
+    store = str(tmp_path / "s")
+    ranks = [SimpleNamespace(store=store, job="j", pid=100 + i, devices=(i,)) for i in range(2)]
+    relative = SimpleNamespace(store="runs/s", job="k", pid=7, devices=())  # the daemon cannot know its directory
+    watch = LedgerWatch(every=5.0)
+    t = time.time() - 100  # close() ends the open window now
+    for i in range(3):  # three GPUs at 100, 200 and 300 W; the job's ranks use GPUs 0 and 1
+        readings = [GpuEnergy(g, int(i * 2 * 100 * (g + 1) * 1000), 700.0) for g in range(3)]
+        watch.tick(t + 2 * i, readings, [*ranks, relative], bad=set())
+    watch.hang(ranks[1], 30.0, t + 40)
+    watch.stopping(ranks[1], "no progress for 30 s (limit 20 s)", t + 40)
+    watch.gone(ranks[1], t + 43)
+    watch.close()
+    records = LedgerReader(FileStore(store)).read().records()
+    energy = [r for r in records if r.kind == "energy"]
+    assert sum(r.joules for r in energy) == pytest.approx(4 * (100 + 200)) and {r.gpus for r in energy} == {2}
+    assert not any(r.estimate for r in energy)
+    (hang,) = [r for r in records if r.kind == "hang"]
+    (stop,) = [r for r in records if r.kind == "stop"]
+    assert (hang.t0, hang.t1, stop.t0, stop.t1) == (t + 10, t + 40, t + 40, t + 43) and stop.note.startswith("no prog")
+    assert not os.path.exists("runs")
+
+
 def test_the_policy_uses_the_ledger_until_this_process_has_measured():
     def ctx(stall):
         return PolicyContext(

@@ -55,8 +55,10 @@ class TrainingRecorder:
         return cls(book, gpus=gpus, feed=PolicyFeed(store, policy))
 
     def event(self, kind: str, t: float, fields: dict[str, Any]) -> None:
-        if kind == "start":  # from the process's creation: its imports are the job's time too
-            self._append("start", min(_created(t), t), t, gpus=self._gpus)
+        if kind == "start":  # from the process's creation (its imports are the job's time too), if it is the first
+            global _started
+            since, _started = (min(_created(t), t) if not _started else t), True
+            self._append("start", since, t, gpus=self._gpus)
             self._t0 = t
         elif kind == "restored":
             step = fields.get("step")
@@ -123,6 +125,10 @@ class TrainingRecorder:
 
     def _append(self, kind: str, t0: float, t1: float, **fields: Any) -> None:
         self._book.append(Record(kind=kind, pid=self._pid, t0=t0, t1=max(t0, t1), **fields))
+
+
+_started = False
+"""A Checkpointer of this process has started: a later one's start record begins when it does."""
 
 
 def _created(default: float) -> float:

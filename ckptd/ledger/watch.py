@@ -83,11 +83,15 @@ class LedgerWatch:
         """One poll: which jobs run on which GPUs, and the joules each GPU used since the last poll."""
         all_gpus = {g.index for g in energy}
         with self._lock:
+            used: dict[tuple[str, str], set[int] | None] = {}  # every rank's devices; none named: all of them
             for j in jobs:
                 t = self._track(j)
                 if t is not None:
-                    t.gpus = set(j.devices) if j.devices else None
+                    key, had = self._key(t), used.get(self._key(t), set())
+                    used[key] = None if had is None or not j.devices else had | set(j.devices)
                     t.last_seen = now
+            for key, devices in used.items():
+                self._tracks[key].gpus = devices
             joules = self._meter.read(now, energy)
             for key, t in list(self._tracks.items()):
                 if t.pinned:
@@ -95,8 +99,8 @@ class LedgerWatch:
                 if now - t.last_seen > self.linger:
                     self._close_window(key, now)
                     continue
-                gpus = sorted(all_gpus - bad if t.gpus is None else t.gpus)
-                self._write(key, self._meter.add(_mkey(key), now, joules, gpus))
+                metered = sorted(all_gpus - bad if t.gpus is None else t.gpus)
+                self._write(key, self._meter.add(_mkey(key), now, joules, metered))
 
     def hang(self, job: Any, silent_s: float, now: float) -> None:
         """The daemon declared ``job`` hung after ``silent_s`` seconds without progress."""
