@@ -110,6 +110,10 @@ class Checkpointer:
         rule = retention.Retention(
             keep_last=self.config.keep_last, keep_every=self.config.keep_every, grace=self.config.incomplete_grace
         )
+        # first: the daemon may SIGTERM this job as soon as it registers (its GPU went bad before)
+        self._preempt = PreemptionWatch() if self.config.handle_sigterm else None
+        if self._preempt is not None:
+            self._owned.keep(self._preempt, PreemptionWatch.uninstall)
         opened = self._owned.keep(open_store(store), lambda s: s.close())
         is_file = isinstance(opened, FileStore)
         if is_file and self.config.local is not None:
@@ -176,9 +180,6 @@ class Checkpointer:
             policy=self.policy,
         )
         self._progress = self._owned.keep(ProgressWriter(ledger=recorder), ProgressWriter.close)
-        self._preempt = PreemptionWatch() if self.config.handle_sigterm else None
-        if self._preempt is not None:
-            self._owned.keep(self._preempt, PreemptionWatch.uninstall)
         for opt in self.state.optimizers:
             self._owned.keep(opt.register_step_pre_hook(self._session.before_optimizer_step), lambda h: h.remove())
         restarts, seconds = run_history()
@@ -411,7 +412,8 @@ def _connect_daemon(store: str, ranks, local: str):
     path = default_socket()
     if not os.environ.get("CKPTD_SOCKET") and not os.path.exists(path):
         return None
-    devices = (torch.cuda.current_device(),) if torch.cuda.is_available() and torch.cuda.is_initialized() else ()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = physical_gpus(torch.cuda.current_device(), os.environ.get("CUDA_VISIBLE_DEVICES")) if cuda else ()
     link = DaemonLink.connect(
         path, rank=ranks.rank, devices=devices, store=store, local=local, job=ranks.job, world_size=ranks.world_size
     )
@@ -421,3 +423,15 @@ def _connect_daemon(store: str, ranks, local: str):
 
         faulthandler.register(signal.SIGUSR1, all_threads=True)  # the daemon's hang report
     return link
+
+
+def physical_gpus(device: int, visible: str | None) -> tuple[int, ...]:
+    """The NVML index of CUDA device ``device`` under ``CUDA_VISIBLE_DEVICES=visible``, which the daemon
+    watches; () (every GPU) where the list names GPUs by UUID or MIG instance, which this cannot map."""
+    if visible is None:
+        return (device,)
+    entries = [e.strip() for e in visible.split(",") if e.strip()]
+    try:
+        return (int(entries[device]),)
+    except (IndexError, ValueError):
+        return ()

@@ -310,7 +310,9 @@ class Supervisor:
             job, node = os.environ["SLURM_JOB_ID"], slurm.this_node()
             log.warning("ckptd run: no healthy GPU on %s; requeueing Slurm job %s without it", node, job)
             slurm.requeue_excluding(job, node)
-            raise _RequeuedElsewhere(f"requeued Slurm job {job} without node {node}")
+            done = f"requeued Slurm job {job} without node {node}"
+            log.warning("ckptd run: %s; it resumes from its newest snapshot", done)  # now: Slurm's SIGKILL may follow
+            raise _RequeuedElsewhere(done)
 
     @staticmethod
     def requeue_if_preempted(summary: RunSummary) -> bool:

@@ -445,3 +445,62 @@ def test_status_names_the_daemon_log_file(daemon_factory, tmp_path):
     with open(log) as f:
         assert "listening on" in f.read()
     assert "listening on" not in d.output()
+
+
+WAIT_THEN_TRAIN = """
+import os, sys, time
+while not os.path.exists(sys.argv[1]):  # this process exists before the fault; it registers after it
+    time.sleep(0.02)
+sys.argv = [sys.argv[2], *sys.argv[3:]]
+exec(compile(open(sys.argv[0]).read(), sys.argv[0], "exec"), {"__name__": "__main__"})
+"""
+
+
+@pytest.mark.parametrize("started", ["before the fault", "after the fault"])
+def test_a_job_registering_after_its_gpu_went_bad(daemon_factory, tmp_path, started):
+    """A job whose process is older than a fatal XID but registers after it (a slow start) is stopped as if
+    it had registered in time; one started after it (ckptd run's relaunch without that GPU) is left to run."""
+    from _trainer import TRAIN
+
+    cue, go = tmp_path / "fault-now", tmp_path / "go"
+    d = daemon_factory({"gpus": 2, "events": [{"when_exists": str(cue), "gpu": 1, "xid": 79}]}, args=("--grace", "20"))
+    args = ["--store", str(tmp_path / "store"), "--steps", "60", "--policy", "every:100000", "--step-sleep", "0.02"]
+    env = {**os.environ, **trainer_env(d)}
+    if started == "after the fault":
+        cue.touch()
+        deadline = time.monotonic() + 30
+        while "gpu bad" not in d.output():
+            assert time.monotonic() < deadline, d.output()
+            time.sleep(0.05)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WAIT_THEN_TRAIN, str(go), TRAIN, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if started == "before the fault":
+        time.sleep(0.2)
+        cue.touch()
+        deadline = time.monotonic() + 30
+        while "gpu bad" not in d.output():
+            assert time.monotonic() < deadline, d.output()
+            time.sleep(0.05)
+    go.touch()
+    _, err = proc.communicate(timeout=120)
+    if started == "before the fault":
+        assert proc.returncode == 75, err[-2000:] + d.output()
+        assert "fatal fault on GPU 1 before it registered" in d.output()
+    else:
+        assert proc.returncode == 0, err[-2000:] + d.output()
+        assert "stop job" not in d.output()
+
+
+def test_the_daemon_is_told_the_physical_gpu_of_a_cuda_device():
+    from ckptd.hook import physical_gpus
+
+    assert physical_gpus(0, None) == (0,)
+    assert physical_gpus(1, "2,3") == (3,)
+    assert physical_gpus(0, " 5 , 7") == (5,)
+    assert physical_gpus(0, "GPU-8d2c1a4e-0000") == ()  # by UUID: every GPU, conservatively
+    assert physical_gpus(2, "0,1") == ()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from dataclasses import dataclass
 
 import psutil
@@ -40,3 +42,19 @@ def alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def started_at(pid: int | str = "self") -> float | None:
+    """When process ``pid`` was created (Unix seconds) to a clock tick; None if it is gone or unreadable.
+
+    From /proc/<pid>/stat's start time against CLOCK_BOOTTIME: psutil's create_time adds the boot time in
+    whole seconds, so it can be a second off.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22, starttime
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - age if 0 <= age < 365 * 86400 else None

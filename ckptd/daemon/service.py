@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import CkptdError
 from ..ledger.watch import LedgerWatch
-from .host import alive, host_report
+from .host import alive, host_report, started_at
 from .nvml import GpuReport, NvmlHealthSource
 from .protocol import Command, Committed, Failure, Heartbeat, Register, Reply, Status
 from .server import SocketServer
@@ -95,6 +95,10 @@ class Job:
         return not self.devices or gpu in self.devices
 
 
+_TICKS = 2 / os.sysconf("SC_CLK_TCK")
+"""A process's start time is known to a clock tick, rounded down: two ticks of doubt."""
+
+
 class Daemon:
     """Owns the socket server, the health loop and the uploaders; ``run()`` until ``stop()``. Thread-safe."""
 
@@ -103,6 +107,8 @@ class Daemon:
         self.started = time.monotonic()
         self.jobs: dict[int, Job] = {}
         self.bad_gpus: dict[int, str] = {}
+        self._bad_since: dict[int, float] = {}
+        """When each bad GPU went bad (Unix seconds): a process older than that may be using it."""
         self.faults: dict[str, int] = {}
         """Faults this daemon stopped each job (by job id) for; told to its next launch's policy."""
         self.events: list[dict[str, Any]] = []
@@ -154,6 +160,7 @@ class Daemon:
                     new.last_snapshot = old.last_snapshot
                 self.jobs[msg.pid] = new
                 self._event("register", pid=msg.pid, rank=msg.rank, devices=list(msg.devices))
+                self._stop_if_on_a_bad_gpu(new)
                 if self.faults.get(msg.job):
                     n = self.faults[msg.job]
                     self.jobs[msg.pid].commands.append(
@@ -299,9 +306,21 @@ class Daemon:
         if self._metrics is not None:
             self._metrics.update(self)
 
+    def _stop_if_on_a_bad_gpu(self, job: Job) -> None:
+        """A job that registers after its GPU went bad (a slow start) is stopped as it would have been. One
+        that names no GPU is stopped only if its process is older than the fault: a relaunch that ``ckptd run``
+        started afterwards, without that GPU, is not."""
+        started = started_at(job.pid)
+        for gpu, why in self.bad_gpus.items():
+            older = started is not None and started + _TICKS < self._bad_since.get(gpu, 0.0)
+            if job.uses(gpu) and (job.devices or older) and job.stopping is None:
+                self._stop_job(job, f"fatal fault on GPU {gpu} before it registered: {why}")
+                return
+
     def _fatal(self, r: GpuReport) -> None:
         if r.index not in self.bad_gpus:
             self.bad_gpus[r.index] = "; ".join(r.reasons)
+            self._bad_since[r.index] = time.time()
             self._event("gpu bad", gpu=r.index, reasons=r.reasons)
         for job in self.jobs.values():
             if job.uses(r.index) and job.stopping is None:

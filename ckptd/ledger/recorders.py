@@ -17,6 +17,7 @@ import threading
 import time
 from typing import Any
 
+from ..daemon.host import started_at
 from ..errors import CkptdError
 from ..store.base import Store
 from .account import account
@@ -132,19 +133,9 @@ _started = False
 
 
 def _created(default: float) -> float:
-    """This process's creation time (Unix s) to a clock tick, or ``default``.
-
-    From /proc/self/stat's start time against CLOCK_BOOTTIME: psutil's create_time adds the boot time
-    in whole seconds, so it can be a second off, more than the ledger's accounting allows.
-    """
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            stat = f.read()
-        ticks = int(stat[stat.rindex(b")") + 2 :].split()[19])  # field 22, starttime
-        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return default
-    return time.time() - age if 0 <= age < 365 * 86400 else default
+    """This process's creation time (Unix s) to a clock tick, or ``default``."""
+    created = started_at()
+    return default if created is None else created
 
 
 class PolicyFeed:
