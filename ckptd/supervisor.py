@@ -392,14 +392,6 @@ def _split(r: Restart, before: Attempt, after: Attempt) -> None:
         r.restart_s = max(0.0, after.started - r.noticed_at)
     if after.started is not None and after.restored_at is not None:
         r.restore_s = after.restored_at - after.started
-    target = before.last_step
-    caught = next(
-        (
-            e["t"]
-            for e in after.events
-            if e.get("kind") == "step" and target is not None and e.get("step", -1) >= target
-        ),
-        None,
-    )
+    caught = None if before.last_step is None else after.when_step(before.last_step)
     if caught is not None and after.restored_at is not None:
         r.catch_up_s = max(0.0, caught - after.restored_at)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -69,6 +70,8 @@ def test_job_that_crashes_once_finishes_equal_to_uninterrupted(reference, tmp_pa
     assert "completed" in res.stderr and "1 restarts" in res.stderr
     cause = "exit 1" if how == "exit" else "killed by SIGKILL"
     assert cause in res.stderr
+    row = re.search(rf"│ 1 │ {cause}\s*│\s*(\d+) │", res.stderr)
+    assert row and int(row.group(1)) == at - (at // 4 * 4 - 1), res.stderr[-1500:]  # redone since the last every:4
     assert_same_state(str(reference / "final.pt"), out)
     ref = read_losses(str(reference / "loss.log"))
     assert read_losses(losses) == ref
