@@ -11,10 +11,12 @@ rep runs them in a rotated order, after a ``sync``):
               ckptd download_snapshot (ranged GETs, every file verified, atomic)
 
 For each row: the median MiB/s of --reps, its ratio to the raw disk figure
-and to boto3, and the CPU seconds per GiB spent by this process (the client)
-and by the SeaweedFS server. The server and the client share this machine's
-cores, so when a row's MiB/s falls while its CPU per GiB does not, the
-machine was busier, not the code slower. ``--old-multipart`` adds the
+and to boto3, the CPU seconds per GiB spent by this process (the client) and
+by the SeaweedFS server, and how many cores everything else on the machine
+kept busy meanwhile ("others"; kernel threads count there, so the disk
+rows' own writeback does). The server and the client share this
+machine's cores, so when a row's MiB/s falls while its CPU per GiB does not
+and "others" rises, the machine was busier, not the code slower. ``--old-multipart`` adds the
 hand-written multipart upload and ranged download ckptd had before
 s3transfer (bench/_s3_legacy.py), as a reference row. Never fails on timing.
 
@@ -79,20 +81,22 @@ def main() -> int:
 
 
 class Meter:
-    """Wall time and CPU time (this process; the server's process group) of each measured call."""
+    """Wall time and CPU time of each measured call: this process's, the server's, everyone else's."""
 
     def __init__(self, server_pgid: int) -> None:
         self.pgid = server_pgid
-        self.rows: dict[str, list[tuple[float, float, float]]] = {}
+        self.rows: dict[str, list[tuple[float, float, float, float]]] = {}
 
     def measure(self, name: str, fn: Callable[[], object], prepare: Callable[[], object] | None = None) -> None:
         if prepare is not None:
             prepare()
         os.sync()
-        c0, s0, t0 = _own_cpu(), _group_cpu(self.pgid), time.perf_counter()
+        c0, s0, m0, t0 = _own_cpu(), _group_cpu(self.pgid), _machine_cpu(), time.perf_counter()
         fn()
         wall = time.perf_counter() - t0
-        self.rows.setdefault(name, []).append((wall, _own_cpu() - c0, _group_cpu(self.pgid) - s0))
+        own, server = _own_cpu() - c0, _group_cpu(self.pgid) - s0
+        others = max(0.0, _machine_cpu() - m0 - own - server)
+        self.rows.setdefault(name, []).append((wall, own, server, others / wall))
 
 
 def run(args, work: str, server: SeaweedServer) -> int:
@@ -111,14 +115,17 @@ def run(args, work: str, server: SeaweedServer) -> int:
     local = FileStore(local_uri)
     files = [os.path.join(local.path_of(STEP_DIR), n) for n in sorted(os.listdir(local.path_of(STEP_DIR)))]
     nbytes = sum(os.path.getsize(f) for f in files)
+    _disk_read(local.path_of(STEP_DIR))  # written with O_DIRECT: every row reads them from the page cache
     client = server.client()
     meter = Meter(server.proc.pid)
-    disk = os.path.join(work, "disk")
 
     for rep in range(args.reps):
+        # a directory of its own each rep, kept to the end: rewriting blocks just freed ran 4-5x faster
+        # here than the first write, which is what a new snapshot gets
+        disk = os.path.join(work, f"disk{rep}")
         # upload: each row into a bucket of its own
         uploads: list[tuple[str, Callable[[], object], Callable[[], object] | None]] = [
-            ("disk write+fsync", lambda: _disk_write(files, disk), lambda: shutil.rmtree(disk, ignore_errors=True)),
+            ("disk write+fsync", lambda d=disk: _disk_write(files, d), None),
         ]
         b3 = server.make_bucket()
         uploads.append(
@@ -145,7 +152,7 @@ def run(args, work: str, server: SeaweedServer) -> int:
                 client.download_file(src.bucket, f"run/{k}", os.path.join(dest, f"{i}-{os.path.basename(k)}"))
 
         downloads: list[tuple[str, Callable[[], object], Callable[[], object] | None]] = [
-            ("disk read (cold)", lambda: _disk_read(disk), lambda: _evict(disk)),
+            ("disk read (cold)", lambda d=disk: _disk_read(d), lambda d=disk: _evict(d)),
             ("boto3 download_file", lambda: boto3_download(os.path.join(work, "b3down")), None),
         ]
         readers = [cls(src.bucket, "run") for cls in stores.values()]
@@ -169,9 +176,10 @@ def run(args, work: str, server: SeaweedServer) -> int:
         f"row); {os.cpu_count()} CPUs shared by client and server; medians of {args.reps} interleaved reps"
     )
     print(
-        f"{'':28s} {'MiB/s':>7s} {'/disk':>6s} {'/boto3':>7s} {'client CPU':>11s} {'server CPU':>11s}   each rep (MiB/s)"
+        f"{'':28s} {'MiB/s':>7s} {'/disk':>6s} {'/boto3':>7s} {'client CPU':>11s} {'server CPU':>11s} "
+        f"{'others':>7s}   each rep (MiB/s)"
     )
-    print(f"{'':28s} {'':7s} {'':6s} {'':7s} {'s per GiB':>11s} {'s per GiB':>11s}")
+    print(f"{'':28s} {'':7s} {'':6s} {'':7s} {'s per GiB':>11s} {'s per GiB':>11s} {'cores':>7s}")
     for title, raw, b3name in (
         ("upload", "disk write+fsync", "boto3 upload_file"),
         ("download", "disk read (cold)", "boto3 download_file"),
@@ -184,8 +192,8 @@ def run(args, work: str, server: SeaweedServer) -> int:
             gib = nbytes / 2**30
             print(
                 f"  {n:26s} {mibs[n]:7.0f} {mibs[n] / mibs[raw]:6.2f} {mibs[n] / mibs[b3name]:7.2f} "
-                f"{statistics.median(r[1] for r in reps) / gib:11.2f} {statistics.median(r[2] for r in reps) / gib:11.2f}"
-                f"   {' '.join(f'{nbytes / _MiB / r[0]:.0f}' for r in reps)}"
+                f"{statistics.median(r[1] for r in reps) / gib:11.2f} {statistics.median(r[2] for r in reps) / gib:11.2f} "
+                f"{statistics.median(r[3] for r in reps):7.2f}   {' '.join(f'{nbytes / _MiB / r[0]:.0f}' for r in reps)}"
             )
     return 0
 
@@ -232,6 +240,13 @@ def _empty(client, bucket: str) -> None:
 def _own_cpu() -> float:
     t = os.times()
     return t.user + t.system
+
+
+def _machine_cpu() -> float:
+    """CPU seconds all processes of the machine have used (the busy fields of /proc/stat's first line)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _group_cpu(pgid: int) -> float:
