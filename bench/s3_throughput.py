@@ -13,12 +13,12 @@ rep runs them in a rotated order, after a ``sync``):
 For each row: the median MiB/s of --reps, its ratio to the raw disk figure
 and to boto3, the CPU seconds per GiB spent by this process (the client) and
 by the SeaweedFS server, and how many cores everything else on the machine
-kept busy meanwhile ("others"; kernel threads count there, so the disk
-rows' own writeback does). The server and the client share this
-machine's cores, so when a row's MiB/s falls while its CPU per GiB does not
-and "others" rises, the machine was busier, not the code slower. ``--old-multipart`` adds the
-hand-written multipart upload and ranged download ckptd had before
-s3transfer (bench/_s3_legacy.py), as a reference row. Never fails on timing.
+kept busy meanwhile ("others"; kernel threads count there, so the disk rows'
+own writeback does). The server and the client share this machine's cores,
+so when a row's MiB/s falls while its CPU per GiB does not and "others"
+rises, the machine was busier, not the code slower. ``--old-multipart`` adds
+the hand-written multipart upload and ranged download ckptd had before
+s3transfer (bench/_s3_legacy.py) as a reference row. Never fails on timing.
 
     python bench/s3_throughput.py --reps 3 [--gib 1.0] [--old-multipart]
 """
