@@ -39,6 +39,37 @@ def test_round_trip_multipart_and_ranged(bucket, tmp_path):
     store.close()
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_upload_bodies_are_sent_as_bytes_up_to_the_limit(bucket, tmp_path, monkeypatch, streamed):
+    """Parts and small files go to botocore as bytes (one read; see _bodies_as_bytes); a part above the
+    limit is streamed from the file. Either way the object, its CRC32C and the progress are right."""
+    import ckptd.store.s3 as s3
+
+    if streamed:
+        monkeypatch.setattr(s3, "_BYTES_BODY_MAX", 1 << 20)
+    store = S3Store(bucket, "run", config=SMALL)
+    sent = []
+    store._client.meta.events.register(
+        "before-send.s3",
+        lambda request, **kw: sent.append(type(request.body).__name__) if request.method == "PUT" else None,
+    )
+    big, small = tmp_path / "big", tmp_path / "small"
+    data = os.urandom((11 << 20) + 3)  # two full parts and a short one
+    big.write_bytes(data)
+    small.write_bytes(data[:1000])
+    seen = []
+    store.put_file("s/big", str(big), progress=seen.append)
+    store.put_file("s/small", str(small), progress=seen.append)
+    assert sum(seen) == len(data) + 1000
+    assert set(sent) == ({"ReadFileChunk", "bytes"} if streamed else {"bytes"}), sent
+    back = tmp_path / "back"
+    store.get_file("s/big", str(back))
+    assert back.read_bytes() == data
+    head = store._client.head_object(Bucket=bucket, Key="run/s/small", ChecksumMode="ENABLED")
+    assert head["ChecksumCRC32C"]
+    store.close()
+
+
 def test_an_empty_file_does_not_poison_the_next_upload(bucket, tmp_path, caplog):
     """An empty upload gets its final reply where botocore awaits "100 Continue"; the next request on that
     pooled connection must still read its own reply, not stall until the read timeout."""
