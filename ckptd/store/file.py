@@ -21,15 +21,6 @@ from .keys import check_key
 _COPY_CHUNK = 8 << 20
 
 
-def fsync_file(path: str) -> None:
-    """Flush a file's data to disk (one a download wrote through the page cache)."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_dir(path: str) -> None:
     """Make a rename or create inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
