@@ -149,6 +149,11 @@ def _slurm_requeues() -> int:
         return 0
 
 
+def exhausted_code(code: int) -> int:
+    """``ckptd run``'s exit code once restarts are exhausted: the job's own, a signal N as 128+N."""
+    return code if code > 0 else 128 - code if code < 0 else EXIT_EXHAUSTED
+
+
 class _RequeuedElsewhere(Exception):
     """Slurm took the job to run without this node; this run ends here."""
 
@@ -209,10 +214,10 @@ class Supervisor:
                 restarts.pop()
                 return self._finish(
                     f"exhausted after {self.config.max_restarts} restarts ({describe_exit(code)})",
-                    code if code > 0 else 128 - code if code < 0 else EXIT_EXHAUSTED,
+                    exhausted_code(code),
                     restarts,
                 )
-            delay = min(self.config.backoff * 2 ** (len(restarts) - 1), self.config.backoff_max)
+            delay = self._backoff(len(restarts))
             log.warning(
                 "ckptd run: relaunching in %.1f s (restart %d of at most %d)",
                 delay,
@@ -301,6 +306,10 @@ class Supervisor:
             self._requeue_elsewhere()
             raise ConfigError(f"every GPU of {list(self.config.gpus)} is marked bad; nothing to run on here")
         return with_nproc(self.config.command, len(healthy))
+
+    def _backoff(self, restart: int) -> float:
+        """Seconds before relaunch number ``restart`` (1, 2, ...): doubling from ``backoff`` up to its cap."""
+        return min(self.config.backoff * 2 ** (restart - 1), self.config.backoff_max)
 
     def _requeue_elsewhere(self) -> None:
         """Under Slurm, a node with no healthy GPU left requeues the job without this node."""

@@ -32,7 +32,7 @@ from ..policy import EverySeconds, PolicyContext, RiskAwarePolicy, SnapshotPolic
 from ..preempt import EXIT_PREEMPTED
 from ..snapshot.manifest import Manifest, step_dir
 from ..store import FileStore, open_store
-from ..supervisor import EXIT_EXHAUSTED, Restart, RunConfig, RunSummary, Supervisor, describe_exit
+from ..supervisor import Restart, RunConfig, RunSummary, Supervisor, describe_exit, exhausted_code
 from . import control, probe
 from .criu import HOOK, Criu
 from .dumper import Dumper, DumpTarget
@@ -152,10 +152,10 @@ class TransparentRun(Supervisor):
                 self.dumper.settle(time.monotonic() + self.config.grace)
                 return self._finish(
                     f"exhausted after {self.config.max_restarts} restarts ({describe_exit(code)})",
-                    code if code > 0 else 128 - code if code < 0 else EXIT_EXHAUSTED,
+                    exhausted_code(code),
                     restarts,
                 )
-            delay = min(self.config.backoff * 2 ** (len(restarts) - 1), self.config.backoff_max)
+            delay = self._backoff(len(restarts))
             log.warning(
                 "ckptd run: restoring in %.1f s (restart %d of at most %d)",
                 delay,

@@ -21,6 +21,7 @@ import struct
 from typing import Any
 
 from ..errors import ConfigError, NoSnapshot, SnapshotCorrupt, UnsafeSnapshot
+from ..snapshot.manifest import ITEMSIZE as _ITEMSIZE
 from ..snapshot.manifest import MAX_FILE_BYTES, MAX_MANIFEST_BYTES
 from ..store.file import open_regular
 from ..store.keys import check_key
@@ -29,25 +30,6 @@ METADATA = ".snapshot_metadata"
 _CONTAINERS = ("dict", "OrderedDict", "list")
 _PRIMITIVES = ("int", "float", "bool", "str", "bytes")
 _TENSORS = ("Tensor", "ChunkedTensor", "ShardedTensor")
-_ITEMSIZE = {
-    "float64": 8,
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "complex128": 16,
-    "complex64": 8,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint64": 8,
-    "uint32": 4,
-    "uint16": 2,
-    "uint8": 1,
-    "bool": 1,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-}
 _MAX_DIMS = 64
 _MAX_DEPTH = 256
 
