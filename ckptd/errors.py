@@ -26,6 +26,9 @@ are wrapped at the boundary with ``raise ... from e``.
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 __all__ = [
     "CkptdError",
     "ConfigError",
@@ -128,3 +131,14 @@ class DaemonUnavailable(CkptdError, OSError):
 
 class ProtocolError(CkptdError, ValueError):
     """A frame or message that is not valid in the daemon protocol's version."""
+
+
+def warn(log: logging.Logger, message: str, category: type[Warning] = UserWarning, *, stacklevel: int = 2) -> None:
+    """Tell the user once: a Python warning, and a log line where logging has a handler.
+
+    Without a handler the log line would reach stderr through logging's last
+    resort and repeat the warning beside it.
+    """
+    warnings.warn(message, category, stacklevel=stacklevel + 1)
+    if log.hasHandlers():
+        log.warning("%s", message)

@@ -8,9 +8,8 @@ import os
 import socket
 import threading
 import time
-import warnings
 
-from ..errors import DaemonUnavailable, ProtocolError
+from ..errors import DaemonUnavailable, ProtocolError, warn
 from .protocol import Committed, Heartbeat, Register, Reply, Status, decode, encode, read_frame
 from .server import default_socket
 
@@ -151,8 +150,7 @@ def open_socket(path: str, *, within: float = _CONNECT_WITHIN) -> socket.socket:
 def _fell_back(path: str, why: str) -> None:
     """A daemon socket exists but could not be used: say so loudly, then run without it."""
     msg = f"ckptd: a daemon socket is at {path}, but {why}; running in embedded mode (this process uploads)"
-    log.warning(msg)
-    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    warn(log, msg, RuntimeWarning, stacklevel=3)
 
 
 def status_of(path: str | None = None) -> dict:

@@ -19,7 +19,7 @@ import threading
 import warnings
 from concurrent.futures import Future
 
-from ..errors import CkptdError, ConfigError, NoGoodSnapshot, NoSnapshot, SnapshotCorrupt, StoreError
+from ..errors import CkptdError, ConfigError, NoGoodSnapshot, NoSnapshot, SnapshotCorrupt, StoreError, warn
 from ..restore.find import SnapshotInfo, list_snapshots, read_manifest, snapshot_steps
 from ..restore.verify import verify_dir
 from ..snapshot.dirs import LocalCommit
@@ -246,8 +246,7 @@ class Tiers:
             except NoSnapshot:
                 continue
             except (SnapshotCorrupt, StoreError) as e:
-                warnings.warn(f"ckptd: skipping {step_dir(candidate)}: {e}", stacklevel=3)
-                log.warning("ckptd: skipping %s: %s", step_dir(candidate), e)
+                warn(log, f"ckptd: skipping {step_dir(candidate)}: {e}", stacklevel=3)
                 bad.append(f"{step_dir(candidate)}: {e}")
         if bad:
             where = self.local.uri if self.remote is None else f"{self.local.uri} and {self.remote.uri}"
