@@ -461,8 +461,14 @@ def plot_cmd(store: str, output: str) -> None:
     show_default=True,
     help="Power per GPU where no daemon measured energy (an estimate, labelled as one).",
 )
+@click.option(
+    "--no-bundle",
+    is_flag=True,
+    help="Leave the ledger's pages as they are (for read-only credentials); by default, where a job has "
+    "many loose pages, they are bundled into a few objects so the next read is quick.",
+)
 @_user_errors
-def goodput_cmd(store, job, as_json, plot_path, gpus, gpu_hour_usd, gpu_watts) -> None:
+def goodput_cmd(store, job, as_json, plot_path, gpus, gpu_hour_usd, gpu_watts, no_bundle) -> None:
     """How much of the job's time was training: goodput, and badput by cause, in hours, dollars and kWh.
 
     From the ledger the hook, `ckptd run` and the daemon keep in STORE (.ckptd/ledger/). Causes:
@@ -473,10 +479,13 @@ def goodput_cmd(store, job, as_json, plot_path, gpus, gpu_hour_usd, gpu_watts) -
     from .ledger.account import AccountConfig
     from .tools import goodput as gp
 
-    acc, problems = gp.read_account(
-        _open(store), job, AccountConfig(gpus=gpus, gpu_hour_usd=gpu_hour_usd, gpu_watts=gpu_watts)
+    acc, problems, notes = gp.read_account(
+        _open(store),
+        job,
+        AccountConfig(gpus=gpus, gpu_hour_usd=gpu_hour_usd, gpu_watts=gpu_watts),
+        bundle=not no_bundle,
     )
-    for p in problems:
+    for p in problems + notes:
         click.echo(f"ckptd: {p}", err=True)
     f = acc.to_dict()
     if plot_path:

@@ -7,7 +7,10 @@ Keys sort by the time a page was written::
 Each writer (:class:`LedgerBook`) buffers its records and writes them from a
 thread of its own, so no training step and no daemon lock waits on the
 network; :class:`LedgerReader` reads every page once (pages never change) and
-skips, with the reason, a page that fails the gate in ``record.py``.
+skips, with the reason, a page that fails the gate in ``record.py``. Pages
+of a long job are gathered into bundles (``bundle.py``)::
+
+    .ckptd/ledger/<job>/<ms of its newest page>-bundle-<id>.json
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ..errors import CkptdError, LedgerCorrupt
 from ..store.base import ObjectInfo, Store
+from .bundle import BUNDLE_AT, MAX_BUNDLE_BYTES, Bundled, bundle_pages, parse_bundle
 from .record import MAX_PAGE_BYTES, MAX_RECORDS, Page, Record, check_job, job_name, parse_page
 
 log = logging.getLogger("ckptd")
@@ -32,6 +36,7 @@ PREFIX = ".ckptd/ledger"
 _KEY = re.compile(
     r"^\.ckptd/ledger/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/\d{13}-(hook|run|daemon)-[0-9a-f]{8}-\d{6}\.json$"
 )
+_BUNDLE = re.compile(r"^\.ckptd/ledger/([A-Za-z0-9][A-Za-z0-9._-]{0,127})/\d{13}-bundle-[0-9a-f]{8}\.json$")
 MAX_BUFFER = 16 * MAX_RECORDS
 """Records a writer holds while the store is unreachable; beyond it the oldest go (said once)."""
 MAX_PAGES = 200_000
@@ -183,34 +188,48 @@ def _order(r: Record) -> tuple[float, float]:
 
 
 class LedgerReader:
-    """Reads a store's ledger; every page is fetched once and kept (pages never change). Not thread-safe."""
+    """Reads a store's ledger; every page and bundle is fetched once and kept (they never change).
+
+    Not thread-safe.
+    """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._pages: dict[str, Page | str] = {}
+        self._bundles: dict[str, dict[str, Page] | str] = {}
+        self.loose: dict[str, list[ObjectInfo]] = {}
+        """Each job's pages outside any bundle, as the last ``read`` listed them."""
 
     def read(self, job: str | None = None, *, newest: int | None = None, parallel: int = 8) -> Ledger:
         """The ledger of ``job`` (default: every job in the store), or its ``newest`` pages only."""
         prefix = PREFIX if job is None else f"{PREFIX}/{job_name(job)}"
-        infos = [o for o in self._list(prefix) if _KEY.match(o.key)]
-        infos.sort(key=lambda o: o.key.rsplit("/", 1)[-1])
+        listed = self._list(prefix)
+        loose = {o.key: o for o in listed if _KEY.match(o.key)}
+        self.loose = {}
+        for key, o in loose.items():
+            self.loose.setdefault(key.split("/")[2], []).append(o)
+        bundles = sorted((o for o in listed if _BUNDLE.match(o.key)), key=lambda o: o.key)
+        failed = self._fetch_all(
+            [o for o in bundles if o.key not in self._bundles], self._fetch_bundle, self._bundles, parallel
+        )
+        problems: list[str] = []
+        bundled: dict[str, Page] = {}  # a page's key -> the page, from the first bundle that holds it
+        for o in bundles:
+            held = self._bundles[o.key] if o.key in self._bundles else failed[o.key]
+            if isinstance(held, str):
+                problems.append(held)
+                continue
+            base = o.key.rsplit("/", 1)[0]
+            for name, one in held.items():
+                bundled.setdefault(f"{base}/{name}", one)
+        keys = sorted(set(loose) | set(bundled), key=lambda k: k.rsplit("/", 1)[-1])
         limit = MAX_PAGES if newest is None else min(newest, MAX_PAGES)
-        infos = infos[-limit:]
-        todo = [o for o in infos if o.key not in self._pages]
-        if len(todo) > 16 and parallel > 1:
-            with ThreadPoolExecutor(parallel, thread_name_prefix="ckptd-ledger-read") as pool:
-                fetched = list(pool.map(self._fetch, todo))
-        else:
-            fetched = [self._fetch(o) for o in todo]
-        transient: dict[str, str] = {}
-        for o, (page, keep) in zip(todo, fetched):
-            if keep:
-                self._pages[o.key] = page
-            else:
-                transient[o.key] = str(page)
-        out = Ledger()
-        for o in infos:
-            page = self._pages.get(o.key) or transient[o.key]
+        keys = keys[-limit:]
+        todo = [loose[k] for k in keys if k in loose and k not in self._pages]
+        transient = self._fetch_all(todo, self._fetch, self._pages, parallel)
+        out = Ledger(problems=problems)
+        for k in keys:
+            page: Page | str = (self._pages.get(k) or transient[k]) if k in loose else bundled[k]  # loose wins
             if isinstance(page, str):
                 out.problems.append(page)
                 continue
@@ -218,6 +237,21 @@ class LedgerReader:
         for records in out.jobs.values():
             records.sort(key=_order)
         return out
+
+    def _fetch_all(self, todo: list[ObjectInfo], fetch: Callable, cache: dict, parallel: int) -> dict[str, str]:
+        """Fetch ``todo`` into ``cache``; what failed this time only (key -> why), which is not kept."""
+        if len(todo) > 16 and parallel > 1:
+            with ThreadPoolExecutor(parallel, thread_name_prefix="ckptd-ledger-read") as pool:
+                fetched = list(pool.map(fetch, todo))
+        else:
+            fetched = [fetch(o) for o in todo]
+        transient: dict[str, str] = {}
+        for o, (value, keep) in zip(todo, fetched):
+            if keep:
+                cache[o.key] = value
+            else:
+                transient[o.key] = str(value)
+        return transient
 
     def _list(self, prefix: str) -> list[ObjectInfo]:
         try:
@@ -240,6 +274,28 @@ class LedgerReader:
         if (page.job, page.source) != match.groups():
             return f"{o.key}: a page of job {page.job} by the {page.source} under another name; skipped", True
         return page, True
+
+    def _fetch_bundle(self, o: ObjectInfo) -> tuple[dict[str, Page] | str, bool]:
+        """The pages of the bundle at ``o`` or why it was skipped, and whether that answer holds for good."""
+        match = _BUNDLE.match(o.key)
+        assert match is not None
+        if o.size > MAX_BUNDLE_BYTES:
+            return f"{o.key}: {o.size} bytes, over {MAX_BUNDLE_BYTES}: not a ledger bundle; skipped", True
+        try:
+            return parse_bundle(self.store.get_bytes(o.key), source=o.key, job=match.group(1)), True
+        except LedgerCorrupt as e:
+            return str(e), True
+        except (CkptdError, OSError) as e:
+            return f"{o.key}: cannot read it ({e}); skipped this time", False
+
+
+def bundle_loose(store: Store, loose: dict[str, list[ObjectInfo]], *, at: int = BUNDLE_AT) -> dict[str, Bundled]:
+    """Bundle the loose pages of each job that has ``at`` or more (``LedgerReader.loose`` after a read)."""
+    return {
+        job: bundle_pages(store, f"{PREFIX}/{job}", job, pages, at=at)
+        for job, pages in loose.items()
+        if len(pages) >= at
+    }
 
 
 def read_ledger(store: Store, job: str | None = None) -> Ledger:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import CkptdError
 from .account import account
-from .book import LedgerBook, LedgerReader
+from .book import LedgerBook, LedgerReader, bundle_loose
 from .energy import EnergyMeter, GpuEnergy
 from .record import Record, job_name
 
@@ -189,6 +189,7 @@ class LedgerWatch:
 
                     reader = self._readers[uri] = LedgerReader(open_store(uri))
                 records = reader.read(job).records(job)
+                _bundle(reader, uri)
                 if not any(r.kind != "energy" for r in records):
                     continue
                 figures = account(records).to_dict(segments=False)
@@ -197,6 +198,15 @@ class LedgerWatch:
                 continue
             with self._lock:
                 self._figures[job] = figures
+
+
+def _bundle(reader: LedgerReader, uri: str) -> None:
+    """Bundle a job's loose ledger pages once there are many (``bundle.py``); a failure is only logged."""
+    try:
+        for job, done in bundle_loose(reader.store, reader.loose).items():
+            log.info("ckptd daemon: bundled %d ledger pages of job %s in %s", done.pages, job, uri)
+    except (CkptdError, OSError) as e:
+        log.warning("ckptd daemon: cannot bundle the goodput ledger in %s: %s", uri, e)
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import NoSnapshot
+from ..errors import CkptdError, NoSnapshot
 from ..ledger.account import Account, AccountConfig, account
-from ..ledger.book import read_ledger
+from ..ledger.book import LedgerReader, bundle_loose
 from ..ledger.causes import CAUSES
 from ..store.base import Store
 
 
-def read_account(store: Store, job: str | None, config: AccountConfig) -> tuple[Account, list[str]]:
-    """The account of ``job`` (default: every job of the store) and the ledger pages skipped, with why."""
-    ledger = read_ledger(store, job)
+def read_account(
+    store: Store, job: str | None, config: AccountConfig, *, bundle: bool = False
+) -> tuple[Account, list[str], list[str]]:
+    """The account of ``job`` (default: every job of the store), the ledger pages skipped (with why), and notes.
+
+    ``bundle``: then bundle each job's loose pages where there are many, so the next read is a few requests;
+    the notes say what that did, or why it could not.
+    """
+    reader = LedgerReader(store)
+    ledger = reader.read(job)
     records = ledger.records(job)
     if not records:
         where = f"job {job} in {store.uri}" if job else store.uri
@@ -21,7 +28,15 @@ def read_account(store: Store, job: str | None, config: AccountConfig) -> tuple[
             f"{where} has no goodput ledger (.ckptd/ledger/); jobs write one from this version on"
             + (f"; jobs in it: {', '.join(sorted(ledger.jobs))}" if ledger.jobs else "")
         )
-    return account(records, config), ledger.problems
+    acc = account(records, config)
+    notes: list[str] = []
+    if bundle:
+        try:
+            for name, done in bundle_loose(store, reader.loose).items():
+                notes.append(f"bundled {done.pages} ledger pages of job {name} into {done.bundles} object(s)")
+        except (CkptdError, OSError) as e:
+            notes.append(f"could not bundle the ledger's pages ({e}); --no-bundle skips it")
+    return acc, ledger.problems, notes
 
 
 def headline(f: dict[str, Any]) -> str:
