@@ -233,3 +233,20 @@ def test_the_daemons_refresh_bundles_a_long_ledger_and_keeps_its_figures(tmp_pat
         assert watch.figures()[JOB] == first
     finally:
         watch.close()
+
+
+def test_newest_pages_read_only_the_bundles_that_hold_them(tmp_path, monkeypatch):
+    monkeypatch.setattr("ckptd.ledger.bundle.BUNDLE_PAGES", 16)
+    store = FileStore(str(tmp_path))
+    write_pages(store, 40)  # one page (a train span) each; bundled into 16 + 16 + 8
+    reader = LedgerReader(store)
+    reader.read(JOB)
+    bundle_loose(store, reader.loose, at=10)
+    write_pages(store, 3, t=T + 1000)
+    everything, _ = read(store)
+    spans = [r for r in everything if r.kind == "train"]
+    for newest, bundles_read in ((3, 0), (5, 1), (11, 1), (12, 2), (40, 3), (43, 3)):
+        reader = LedgerReader(store)
+        got = [r for r in reader.read(JOB, newest=newest).records(JOB) if r.kind == "train"]
+        assert got == spans[-newest:], newest
+        assert len(reader._bundles) == bundles_read, (newest, sorted(reader._bundles))

@@ -183,6 +183,10 @@ class Ledger:
         return sorted((r for rs in self.jobs.values() for r in rs), key=_order)
 
 
+def _name(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
+
+
 def _order(r: Record) -> tuple[float, float]:
     return (r.t0, r.t1)
 
@@ -208,7 +212,8 @@ class LedgerReader:
         self.loose = {}
         for key, o in loose.items():
             self.loose.setdefault(key.split("/")[2], []).append(o)
-        bundles = sorted((o for o in listed if _BUNDLE.match(o.key)), key=lambda o: o.key)
+        limit = MAX_PAGES if newest is None else min(newest, MAX_PAGES)
+        bundles = self._needed(sorted(loose, key=_name), [o for o in listed if _BUNDLE.match(o.key)], limit)
         failed = self._fetch_all(
             [o for o in bundles if o.key not in self._bundles], self._fetch_bundle, self._bundles, parallel
         )
@@ -222,9 +227,7 @@ class LedgerReader:
             base = o.key.rsplit("/", 1)[0]
             for name, one in held.items():
                 bundled.setdefault(f"{base}/{name}", one)
-        keys = sorted(set(loose) | set(bundled), key=lambda k: k.rsplit("/", 1)[-1])
-        limit = MAX_PAGES if newest is None else min(newest, MAX_PAGES)
-        keys = keys[-limit:]
+        keys = sorted(set(loose) | set(bundled), key=_name)[-limit:]
         todo = [loose[k] for k in keys if k in loose and k not in self._pages]
         transient = self._fetch_all(todo, self._fetch, self._pages, parallel)
         out = Ledger(problems=problems)
@@ -237,6 +240,31 @@ class LedgerReader:
         for records in out.jobs.values():
             records.sort(key=_order)
         return out
+
+    def _needed(self, loose: list[str], bundles: list[ObjectInfo], limit: int) -> list[ObjectInfo]:
+        """The bundles that can hold one of the ``limit`` newest pages, oldest first.
+
+        A bundle's name carries the time of its newest page, so once ``limit``
+        pages newer than a bundle are known, it and every older one are not read.
+        """
+        bundles = sorted(bundles, key=lambda o: _name(o.key), reverse=True)
+        if limit >= MAX_PAGES:
+            return bundles[::-1]
+        known = list(loose)
+        out: list[ObjectInfo] = []
+        for o in bundles:
+            if len(known) >= limit:
+                known.sort(key=_name)
+                if _name(o.key)[:13] < _name(known[-limit])[:13]:
+                    break
+            out.append(o)
+            if o.key not in self._bundles:
+                self._fetch_all([o], self._fetch_bundle, self._bundles, 1)
+            held = self._bundles.get(o.key)
+            if isinstance(held, dict):
+                base = o.key.rsplit("/", 1)[0]
+                known.extend(f"{base}/{name}" for name in held)
+        return out[::-1]
 
     def _fetch_all(self, todo: list[ObjectInfo], fetch: Callable, cache: dict, parallel: int) -> dict[str, str]:
         """Fetch ``todo`` into ``cache``; what failed this time only (key -> why), which is not kept."""
