@@ -45,7 +45,7 @@ def main() -> int:
 
 
 def run(args, server: SeaweedServer) -> int:
-    from ckptd.ledger.book import LedgerReader, bundle_loose, page_key
+    from ckptd.ledger.book import LedgerReader, page_key
     from ckptd.ledger.record import Page, Record
     from ckptd.store import open_store
 
@@ -71,7 +71,7 @@ def run(args, server: SeaweedServer) -> int:
     reader = LedgerReader(store)
     reader.read(JOB)
     t0 = time.perf_counter()
-    done = bundle_loose(store, reader.loose)[JOB]
+    done = reader.bundle()[JOB]
     took = time.perf_counter() - t0
     bundled = statistics.median(timed() for _ in range(args.reps))
     print(f"{args.pages} pages of one job on SeaweedFS (127.0.0.1); fresh reader, medians of {args.reps}")

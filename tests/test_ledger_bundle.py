@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from ckptd.ledger.book import LedgerReader, bundle_loose, page_key
+from ckptd.ledger.book import LedgerReader, page_key
 from ckptd.ledger.bundle import BUNDLE_PAGES, encode_bundle
 from ckptd.ledger.record import Page, Record
 from ckptd.store import open_store
@@ -56,7 +56,7 @@ def test_bundling_keeps_every_record_once_and_removes_the_loose_pages(tmp_path):
     kept.read(JOB)
     reader = LedgerReader(store)
     reader.read(JOB)
-    done = bundle_loose(store, reader.loose, at=10)
+    done = reader.bundle(at=10)
     assert done[JOB].pages == 40 and done[JOB].bundles == 1
     assert loose_keys(store) == [] and len(bundles(store)) == 1
     assert read(store) == (before, [])
@@ -71,7 +71,7 @@ def test_below_the_threshold_nothing_is_bundled(tmp_path):
     write_pages(store, 9)
     reader = LedgerReader(store)
     reader.read(JOB)
-    assert bundle_loose(store, reader.loose, at=10) == {}
+    assert reader.bundle(at=10) == {}
     assert len(loose_keys(store)) == 9
 
 
@@ -99,7 +99,7 @@ def test_two_bundlers_at_once_lose_nothing_and_count_nothing_twice(tmp_path):
         try:
             reader = LedgerReader(FileStore(str(tmp_path)))
             reader.read(JOB)
-            bundle_loose(reader.store, reader.loose, at=10)
+            reader.bundle(at=10)
         except BaseException as e:  # re-raised below
             errors.append(e)
 
@@ -120,7 +120,7 @@ def test_a_bundle_larger_than_its_page_limit_is_split(tmp_path, monkeypatch):
     before, _ = read(store)
     reader = LedgerReader(store)
     reader.read(JOB)
-    assert bundle_loose(store, reader.loose, at=10)[JOB].bundles == 3
+    assert reader.bundle(at=10)[JOB].bundles == 3
     assert read(store) == (before, [])
 
 
@@ -169,18 +169,20 @@ def test_a_bundle_cannot_replace_a_loose_page_or_add_pages_of_another_job(tmp_pa
     assert read(store) == (before, []), "the loose page is what counts"
 
 
-def test_a_corrupt_loose_page_stays_loose_and_is_still_named(tmp_path):
+def test_a_page_the_reader_refuses_stays_loose_and_is_still_named(tmp_path):
     store = FileStore(str(tmp_path))
     write_pages(store, 12)
     bad = page_key(JOB, "hook", "deadbeef", 0, T + 5)
     store.put_bytes(bad, b'{"format": "ckptd-ledger/1"}')
+    misnamed = page_key(JOB, "daemon", "deadbeef", 1, T + 6)  # a valid hook page under a daemon's name
+    store.put_bytes(misnamed, store.get_bytes(page_key(JOB, "hook", "0123abcd", 1, T + 20)))
     reader = LedgerReader(store)
     reader.read(JOB)
-    done = bundle_loose(store, reader.loose, at=10)[JOB]
-    assert done.pages == 12 and len(done.skipped) == 1
-    assert loose_keys(store) == [bad]
+    done = reader.bundle(at=10)[JOB]
+    assert done.pages == 12 and done.bundles == 1
+    assert loose_keys(store) == sorted([bad, misnamed])
     records, problems = read(store)
-    assert len(records) == 13 and len(problems) == 1 and "deadbeef" in problems[0]
+    assert len(records) == 13 and len(problems) == 2 and all("deadbeef" in p for p in problems), problems
 
 
 def test_ckptd_goodput_bundles_a_long_ledger_on_s3_and_reads_the_same(bucket):
@@ -241,7 +243,7 @@ def test_newest_pages_read_only_the_bundles_that_hold_them(tmp_path, monkeypatch
     write_pages(store, 40)  # one page (a train span) each; bundled into 16 + 16 + 8
     reader = LedgerReader(store)
     reader.read(JOB)
-    bundle_loose(store, reader.loose, at=10)
+    reader.bundle(at=10)
     write_pages(store, 3, t=T + 1000)
     everything, _ = read(store)
     spans = [r for r in everything if r.kind == "train"]

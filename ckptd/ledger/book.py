@@ -241,6 +241,20 @@ class LedgerReader:
             records.sort(key=_order)
         return out
 
+    def bundle(self, *, at: int = BUNDLE_AT) -> dict[str, Bundled]:
+        """Bundle the loose pages the last ``read`` accepted, of each job with ``at`` or more loose pages.
+
+        A page it refused stays loose (and named by every read).
+        """
+        out = {}
+        for job, infos in self.loose.items():
+            if len(infos) < at:
+                continue
+            pages = [(o.key.rsplit("/", 1)[-1], self._pages.get(o.key)) for o in infos]
+            accepted = [(name, page) for name, page in pages if isinstance(page, Page)]
+            out[job] = bundle_pages(self.store, f"{PREFIX}/{job}", job, accepted)
+        return out
+
     def _needed(self, loose: list[str], bundles: list[ObjectInfo], limit: int) -> list[ObjectInfo]:
         """The bundles that can hold one of the ``limit`` newest pages, oldest first.
 
@@ -315,15 +329,6 @@ class LedgerReader:
             return str(e), True
         except (CkptdError, OSError) as e:
             return f"{o.key}: cannot read it ({e}); skipped this time", False
-
-
-def bundle_loose(store: Store, loose: dict[str, list[ObjectInfo]], *, at: int = BUNDLE_AT) -> dict[str, Bundled]:
-    """Bundle the loose pages of each job that has ``at`` or more (``LedgerReader.loose`` after a read)."""
-    return {
-        job: bundle_pages(store, f"{PREFIX}/{job}", job, pages, at=at)
-        for job, pages in loose.items()
-        if len(pages) >= at
-    }
 
 
 def read_ledger(store: Store, job: str | None = None) -> Ledger:

@@ -1,27 +1,25 @@
 """Bundles: many of a job's ledger pages in one object, so a long job's ledger stays a few reads.
 
-A writer makes a page per flush (about one a minute per writer), so a month
-of a job is ~10^5 small objects, each a request for every fresh reader.
-``bundle_pages`` copies the loose pages, verbatim, into bundles of up to
-BUNDLE_PAGES pages, reads each bundle back, and only then deletes the pages
-it holds. A reader takes a page from a bundle only where the loose page is
-gone, and each page once however many bundles hold it, so a crash or two
-bundlers at once cost a duplicate object, never a record counted twice or lost.
+A writer makes a page per flush (a few a minute per job), so a month of a
+job is ~10^5 small objects, each a request for every fresh reader.
+``bundle_pages`` copies the pages a reader accepted into bundles of up to
+BUNDLE_PAGES pages, reads each bundle back, and only then deletes the loose
+pages it holds (a page the reader refused stays loose, and named). A reader
+takes a page from a bundle only where the loose page is gone, and each page
+once however many bundles hold it, so a crash or two bundlers at once cost a
+duplicate object, never a record counted twice or lost.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
 import uuid
 from dataclasses import dataclass
 
-from ..errors import LedgerCorrupt, StoreError
-from ..store.base import ObjectInfo, Store
-from .record import MAX_PAGE_BYTES, Page, check_job, parse_page
-
-log = logging.getLogger("ckptd")
+from ..errors import LedgerCorrupt
+from ..store.base import Store
+from .record import Page, check_job, parse_page
 
 FORMAT = "ckptd-ledger-bundle/1"
 BUNDLE_PAGES = 4096
@@ -31,7 +29,6 @@ MAX_BUNDLE_BYTES = 64 << 20
 BUNDLE_AT = 512
 """Loose pages of a job before the daemon or ``ckptd goodput`` bundles them."""
 PAGE_NAME = re.compile(r"^\d{13}-(hook|run|daemon)-[0-9a-f]{8}-\d{6}\.json$")
-BUNDLE_NAME = re.compile(r"^\d{13}-bundle-[0-9a-f]{8}\.json$")
 
 
 @dataclass(frozen=True)
@@ -40,7 +37,6 @@ class Bundled:
 
     pages: int
     bundles: int
-    skipped: tuple[str, ...] = ()
 
 
 def bundle_key(prefix: str, newest_page: str) -> str:
@@ -89,17 +85,14 @@ def parse_bundle(data: bytes, *, source: str, job: str) -> dict[str, Page]:
     return out
 
 
-def bundle_pages(store: Store, prefix: str, job: str, loose: list[ObjectInfo], *, at: int = BUNDLE_AT) -> Bundled:
-    """Bundle a job's loose pages (``loose``, listed under ``prefix``) when there are ``at`` or more.
+def bundle_pages(store: Store, prefix: str, job: str, pages: list[tuple[str, Page]]) -> Bundled:
+    """Write ``pages`` (name, page as a reader accepted it) of ``job`` into bundles under ``prefix``.
 
-    A page that does not pass the gate stays loose (readers name it); a
-    bundle that does not read back whole deletes nothing.
+    Each bundle is read back whole before the loose pages it holds are deleted; one that is not is
+    removed again, and its pages stay loose.
     """
-    if len(loose) < at:
-        return Bundled(0, 0)
-    loose = sorted(loose, key=lambda o: o.key)
+    pages = sorted(pages, key=lambda p: p[0])
     done = bundles = 0
-    skipped: list[str] = []
     batch: list[tuple[str, bytes]] = []
     size = 0
 
@@ -108,35 +101,25 @@ def bundle_pages(store: Store, prefix: str, job: str, loose: list[ObjectInfo], *
         if not batch:
             return
         key = bundle_key(prefix, batch[-1][0])
-        data = encode_bundle(job, batch)
-        store.put_bytes(key, data)
-        held = parse_bundle(store.get_bytes(key), source=key, job=job)
-        if set(held) != {name for name, _ in batch}:
-            raise LedgerCorrupt(f"ledger bundle {key} did not read back whole; its pages stay loose")
+        store.put_bytes(key, encode_bundle(job, batch))
+        try:
+            held = parse_bundle(store.get_bytes(key), source=key, job=job)
+            if set(held) != {name for name, _ in batch}:
+                raise LedgerCorrupt(f"ledger bundle {key} did not read back whole; its pages stay loose")
+        except BaseException:
+            store.delete([key])
+            raise
         store.delete([f"{prefix}/{name}" for name, _ in batch])
         done, bundles, batch, size = done + len(batch), bundles + 1, [], 0
 
-    for o in loose:
-        name = o.key.rsplit("/", 1)[-1]
-        if o.size > MAX_PAGE_BYTES or PAGE_NAME.match(name) is None:
-            continue
-        try:
-            data = store.get_bytes(o.key)
-        except StoreError:
-            continue  # gone since the listing: another bundler took it
-        try:
-            page = parse_page(data, source=o.key)
-            if page.job != job:
-                raise LedgerCorrupt(f"{o.key}: a page of job {page.job}")
-        except LedgerCorrupt as e:
-            skipped.append(str(e))
-            continue
+    for name, page in pages:
+        data = page.to_json()
         if len(batch) == BUNDLE_PAGES or size + len(data) * 2 + 64 > MAX_BUNDLE_BYTES:
             flush()
         batch.append((name, data))
         size += len(data) * 2 + 64  # a string inside JSON: quotes escaped, at most twice the bytes
     flush()
-    return Bundled(done, bundles, tuple(skipped))
+    return Bundled(done, bundles)
 
 
 def _no_constant(name: str) -> float:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ..errors import CkptdError
 from .account import account
-from .book import LedgerBook, LedgerReader, bundle_loose
+from .book import LedgerBook, LedgerReader
 from .energy import EnergyMeter, GpuEnergy
 from .record import Record, job_name
 
@@ -203,7 +203,7 @@ class LedgerWatch:
 def _bundle(reader: LedgerReader, uri: str) -> None:
     """Bundle a job's loose ledger pages once there are many (``bundle.py``); a failure is only logged."""
     try:
-        for job, done in bundle_loose(reader.store, reader.loose).items():
+        for job, done in reader.bundle().items():
             log.info("ckptd daemon: bundled %d ledger pages of job %s in %s", done.pages, job, uri)
     except (CkptdError, OSError) as e:
         log.warning("ckptd daemon: cannot bundle the goodput ledger in %s: %s", uri, e)

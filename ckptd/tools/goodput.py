@@ -6,7 +6,7 @@ from typing import Any
 
 from ..errors import CkptdError, NoSnapshot
 from ..ledger.account import Account, AccountConfig, account
-from ..ledger.book import LedgerReader, bundle_loose
+from ..ledger.book import LedgerReader
 from ..ledger.causes import CAUSES
 from ..store.base import Store
 
@@ -32,7 +32,7 @@ def read_account(
     notes: list[str] = []
     if bundle:
         try:
-            for name, done in bundle_loose(store, reader.loose).items():
+            for name, done in reader.bundle().items():
                 notes.append(f"bundled {done.pages} ledger pages of job {name} into {done.bundles} object(s)")
         except (CkptdError, OSError) as e:
             notes.append(f"could not bundle the ledger's pages ({e}); --no-bundle skips it")
